@@ -1,0 +1,35 @@
+# The two commands: `make demo` (run it) and `make test` (test it). Everything installs itself.
+SHELL := /bin/bash
+PY := .venv/bin/python
+MODEL_DIR ?= .cache/tiny-glm-image
+ENGINE ?= vllm
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+
+.PHONY: setup stubs tiny-model lint test test-fast demo serve lint-deploy bench clean
+
+setup:
+	@scripts/setup.sh
+
+stubs: setup
+	@$(PY) protos/generate.py >/dev/null
+
+tiny-model: setup
+	@$(PY) -m tiny_glm_image $(MODEL_DIR)
+
+lint: setup
+	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
+
+# Dockerfiles (hadolint) and the Helm chart (helm lint, schema, render); installs its own tools.
+lint-deploy:
+	@scripts/lint_deploy.sh
+
+test: stubs tiny-model lint lint-deploy
+	@MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: stubs tiny-model
+	@mkdir -p out
+	@MODEL_DIR=$(MODEL_DIR) ENGINE=$(ENGINE) scripts/demo.sh
+
+clean:
+	rm -rf .cache out glmimage
