@@ -14,7 +14,7 @@ stubs: setup
 	@$(PY) protos/generate.py >/dev/null
 
 tiny-model: setup
-	@$(PY) -m tiny_glm_image $(MODEL_DIR)
+	@$(PY) -m testkit.tiny_model $(MODEL_DIR)
 
 lint: setup
 	@.venv/bin/ruff check .
@@ -24,12 +24,12 @@ lint: setup
 lint-deploy:
 	@scripts/lint_deploy.sh
 
-test: stubs tiny-model lint lint-deploy
+test: stubs tiny-model lint
 	@MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: stubs tiny-model
 	@mkdir -p out
-	@MODEL_DIR=$(MODEL_DIR) ENGINE=$(ENGINE) scripts/demo.sh
+	@$(PY) -m testkit.reference $(MODEL_DIR) out/demo.png
 
 clean:
 	rm -rf .cache out glmimage

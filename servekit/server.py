@@ -1,0 +1,149 @@
+"""Server lifecycle shared by the three services.
+
+start: gRPC server up (health NOT_SERVING, "liveness" SERVING) -> load + warm up the engine off the
+event loop -> SERVING. SIGTERM/SIGINT: NOT_SERVING (leave rotation) -> in-flight calls finish within
+the grace period -> engine shutdown -> exit 0.
+
+Health service names: "" and each served service's full name report readiness; "liveness" reports
+that the process and its event loop are alive, so a loading or draining replica is not killed.
+"""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from servekit.errors import ErrorInterceptor
+
+logger = logging.getLogger(__name__)
+
+LIVENESS = "liveness"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    # Image chunks are <= 1 MiB and plans a few KB; condition images come inline in requests, so
+    # allow up to 16 MiB per message (the services enforce their own tighter per-image limit).
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keep idle client connections (the gateway's) alive through proxies and NAT; accept client
+    # pings every 10 s even without calls in flight.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # A second server on the same port would silently share traffic: refuse instead.
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class ServiceSpec:
+    """What a service plugs into the shared lifecycle."""
+
+    names: Sequence[str]  # full gRPC service names, for health and reflection
+    register: Callable[[grpc.aio.Server], None]  # adds the servicers
+    start: Callable[[], Awaitable[None]]  # loads and warms up the engine
+    stop: Callable[[], Awaitable[None]]  # releases the engine
+    extra_health: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass
+class ServerOptions:
+    host: str
+    port: int
+    metrics_port: int  # 0 = no metrics endpoint
+    shutdown_grace_seconds: float
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+class RunningServer:
+    """A started server; `port` is the bound port (useful with port 0 in tests)."""
+
+    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, spec: ServiceSpec, port: int):
+        self.server = server
+        self.health = health
+        self.spec = spec
+        self.port = port
+        self.ready = asyncio.Event()
+        self._stopped = False
+
+    async def _set_ready(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.spec.names):
+            await self.health.set(name, status)
+
+    async def load(self) -> None:
+        await self.spec.start()
+        await self._set_ready(True)
+        self.ready.set()
+        logger.info("ready: %s on port %d", ", ".join(self.spec.names), self.port)
+
+    async def stop(self, grace: float) -> None:
+        """Leave rotation, let in-flight calls finish within `grace` seconds, release the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._set_ready(False)
+        logger.info("draining for up to %.0f s", grace)
+        await self.server.stop(grace)
+        await self.spec.stop()
+        logger.info("stopped")
+
+
+def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+    if not options.tls_cert_file:
+        return None
+    with open(options.tls_cert_file, "rb") as cert, open(options.tls_key_file, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServer:
+    """Binds and starts the gRPC server, health NOT_SERVING until `load()`."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    spec.register(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*spec.names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+    address = f"{options.host}:{options.port}"
+    credentials = _credentials(options)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    await server.start()
+    running = RunningServer(server, health, spec, port)
+    await running._set_ready(False)
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    return running
+
+
+async def serve(spec: ServiceSpec, options: ServerOptions) -> None:
+    """Runs a service until SIGTERM/SIGINT, then shuts it down gracefully."""
+    if options.metrics_port:
+        start_http_server(options.metrics_port)
+    running = await start_server(spec, options)
+    logger.info("listening on %s:%d (loading)", options.host, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load = asyncio.create_task(running.load())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is not None:
+        await running.server.stop(0)
+        raise load.exception()
+    await stopped
+    load.cancel()
+    await running.stop(options.shutdown_grace_seconds)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

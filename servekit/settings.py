@@ -1,0 +1,83 @@
+"""Typed settings from flags and environment: one dataclass per service.
+
+Each dataclass field becomes `--field-name` and `PREFIX_FIELD_NAME`; a flag beats the environment,
+the environment beats the default. `help` goes in the field's metadata. Values are validated by the
+dataclass's own `validate()` at start-up, so a bad setting stops the service before it loads a model.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A settings field: its default and help text (and argparse extras such as choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _converter(field_type: Any):
+    origin = typing.get_origin(field_type)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [t for t in typing.get_args(field_type) if t is not type(None)]
+        return _converter(inner[0])
+    return {bool: _parse_bool, int: int, float: float}.get(field_type, str)
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_type: type, env_prefix: str) -> None:
+    hints = typing.get_type_hints(settings_type)
+    for field in dataclasses.fields(settings_type):
+        flag = "--" + field.name.replace("_", "-")
+        env_name = f"{env_prefix}_{field.name.upper()}"
+        convert = _converter(hints[field.name])
+        default = field.default
+        if env_name in os.environ:
+            try:
+                default = convert(os.environ[env_name])
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                parser.error(f"{env_name}: {error}")
+        extra = {k: v for k, v in field.metadata.items() if k != "help"}
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=convert,
+            default=default,
+            help=f"{field.metadata.get('help', '')} (env {env_name}; default: %(default)s)",
+            **extra,
+        )
+
+
+def parse_settings(
+    settings_type: type[T], env_prefix: str, argv: Sequence[str] | None = None, description: str = ""
+) -> tuple[T, list[str]]:
+    """Returns the settings and the arguments it did not recognise (for a pass-through parser)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    add_arguments(parser, settings_type, env_prefix)
+    namespace, rest = parser.parse_known_args(argv)
+    settings = settings_type(**vars(namespace))
+    try:
+        settings.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return settings, rest
+
+
+def log_settings(settings: Any) -> None:
+    for field in dataclasses.fields(settings):
+        logger.info("setting %s = %r", field.name, getattr(settings, field.name))

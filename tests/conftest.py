@@ -1,0 +1,16 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The tiny GLM-Image (MODEL_DIR, or built into .cache/ on first use)."""
+    from testkit.tiny_model import write_tiny_model
+
+    path = Path(os.environ.get("MODEL_DIR", REPO / ".cache" / "tiny-glm-image"))
+    write_tiny_model(path)
+    return path
