@@ -52,7 +52,9 @@ def sampled_target_grid(pipe: GlmImagePipeline, prompt: str, width: int, height:
     conditions = []
     if condition_ids is not None:
         for ids, (_, h2, w2) in zip(
-            torch.split(condition_ids[0], condition_grids[0].prod(-1).tolist()), condition_grids[0].tolist(), strict=True
+            torch.split(condition_ids[0], condition_grids[0].prod(-1).tolist()),
+            condition_grids[0].tolist(),
+            strict=True,
         ):
             conditions.append(ids.view(h2, w2)[::2, ::2].reshape(-1).tolist())
     return target, conditions
