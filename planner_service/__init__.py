@@ -1,0 +1,1 @@
+"""The planner: GLM-Image's autoregressive stage as a streaming gRPC service."""

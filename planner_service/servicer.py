@@ -1,0 +1,133 @@
+"""PlannerService: proto <-> domain, admission, streaming. Knows no engine internals."""
+
+import logging
+import secrets
+import time
+
+from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc
+from planner_service.chunking import TokenChunker
+from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
+from planner_service.images import decode_condition_image
+from servekit import validation
+from servekit.admission import Admission
+from servekit.errors import InvalidRequest
+from servekit.validation import Limits
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def sampling_from_proto(sampling: common_pb2.PlanSampling, codebook_size: int) -> Sampling:
+    validation.check_sampling(sampling, codebook_size)
+    return Sampling(
+        temperature=sampling.temperature if sampling.HasField("temperature") else None,
+        top_p=sampling.top_p if sampling.HasField("top_p") else None,
+        top_k=sampling.top_k if sampling.HasField("top_k") else None,
+    )
+
+
+def job_from_proto(request: planner_pb2.PlanRequest, limits: Limits, codebook_size: int) -> PlanJob:
+    """Validates a PlanRequest (InvalidRequest naming the rule) and turns it into a PlanJob."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    validation.check_prompt(request.prompt, limits)
+    validation.check_size(request.width, request.height, limits)
+    sampling = sampling_from_proto(request.sampling, codebook_size)
+    validation.check_condition_images(request.condition_images, limits)
+    images = [decode_condition_image(image.data, i) for i, image in enumerate(request.condition_images)]
+    return PlanJob(
+        request_id=request.request_id or secrets.token_hex(8),
+        prompt=request.prompt,
+        width=request.width,
+        height=request.height,
+        seed=request.seed if request.HasField("seed") else secrets.randbits(63),
+        sampling=sampling,
+        images=images,
+    )
+
+
+def header_to_proto(job: PlanJob, layout: PlanLayout, codebook_size: int, plan_format: str) -> planner_pb2.PlanHeader:
+    return planner_pb2.PlanHeader(
+        request_id=job.request_id,
+        target_rows=layout.target[0],
+        target_cols=layout.target[1],
+        preview_rows=layout.preview[0],
+        preview_cols=layout.preview[1],
+        codebook_size=codebook_size,
+        plan_format=plan_format,
+        seed=job.seed,
+        width=job.width,
+        height=job.height,
+        condition_images=[
+            planner_pb2.ConditionImagePlan(rows=c.rows, cols=c.cols, ids=c.ids) for c in layout.conditions
+        ],
+    )
+
+
+class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
+    def __init__(
+        self,
+        engine: PlanEngine,
+        admission: Admission,
+        limits: Limits,
+        plan_format: str,
+        model: str,
+        chunk_tokens: int,
+        chunk_interval_s: float,
+        version: str,
+    ):
+        self.engine = engine
+        self.admission = admission
+        self.limits = limits
+        self.plan_format = plan_format
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.chunk_interval_s = chunk_interval_s
+        self.version = version
+
+    async def Plan(self, request, context):
+        arrived = time.perf_counter()
+        job = job_from_proto(request, self.limits, self.engine.codebook_size)
+        async with self.admission.slot() as queue_seconds:
+            layout = await self.engine.prepare(job)
+            logger.info(
+                "plan %s: %dx%d, %d condition images, %d tokens",
+                job.request_id, job.width, job.height, len(job.images), layout.total_tokens,
+            )  # fmt: skip
+            yield planner_pb2.PlanChunk(
+                header=header_to_proto(job, layout, self.engine.codebook_size, self.plan_format)
+            )
+            chunker = TokenChunker(layout.preview_tokens, self.chunk_tokens, self.chunk_interval_s)
+            first_token_at = None
+            async for ids in self.engine.generate(job, layout):
+                first_token_at = first_token_at or time.perf_counter()
+                for tokens in chunker.feed(ids):
+                    yield planner_pb2.PlanChunk(tokens=tokens)
+            for tokens in chunker.flush():
+                yield planner_pb2.PlanChunk(tokens=tokens)
+            if chunker.produced != layout.total_tokens:
+                raise RuntimeError(f"engine produced {chunker.produced} of {layout.total_tokens} plan tokens")
+            done = time.perf_counter()
+            yield planner_pb2.PlanChunk(
+                summary=planner_pb2.PlanSummary(
+                    preview_tokens=layout.preview_tokens,
+                    target_tokens=layout.total_tokens - layout.preview_tokens,
+                    prompt_tokens=layout.prompt_tokens,
+                    finish_reason=planner_pb2.FINISH_REASON_COMPLETE,
+                    queue_seconds=queue_seconds,
+                    first_token_seconds=(first_token_at or done) - arrived,
+                    total_seconds=done - arrived,
+                )
+            )
+
+    async def GetServerInfo(self, request, context):
+        return common_pb2.ServerInfo(
+            role=common_pb2.SERVICE_ROLE_PLANNER,
+            model=self.model,
+            plan_format=self.plan_format,
+            codebook_size=self.engine.codebook_size,
+            engine=self.engine.name,
+            limits=self.limits.to_proto(),
+            version=self.version,
+        )
