@@ -1,24 +1,15 @@
 """Wires settings, engine and servicer into the shared server lifecycle."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from glmimage.v1 import planner_pb2, planner_pb2_grpc
 from planner_service.engine import PlanEngine
 from planner_service.servicer import PlannerServicer
 from planner_service.settings import PlannerSettings
 from servekit.admission import Admission
 from servekit.plan_format import plan_format
-from servekit.server import ServiceSpec
+from servekit.server import ServiceSpec, package_version
 
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
 WARMUP_PROMPT = "warm-up"
-
-
-def package_version() -> str:
-    try:
-        return version("glm-image-serve")
-    except PackageNotFoundError:
-        return "dev"
 
 
 def make_engine(settings: PlannerSettings, engine_args: list[str]) -> PlanEngine:

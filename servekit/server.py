@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -143,6 +144,13 @@ async def serve(spec: ServiceSpec, options: ServerOptions) -> None:
     await stopped
     load.cancel()
     await running.stop(options.shutdown_grace_seconds)
+
+
+def package_version() -> str:
+    try:
+        return version("glm-image-serve")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def configure_logging(level: str) -> None:

@@ -1,0 +1,31 @@
+"""python -m gateway --port 50050 --planner ADDR[,ADDR...] --decoder ADDR[,ADDR...]"""
+
+import asyncio
+
+from gateway.service import gateway_spec
+from gateway.settings import GatewaySettings
+from servekit.server import ServerOptions, configure_logging, serve
+from servekit.settings import log_settings, parse_settings
+
+
+def main() -> None:
+    settings, rest = parse_settings(
+        GatewaySettings, "GATEWAY", description="GLM-Image gateway: the public ImageService"
+    )
+    if rest:
+        raise SystemExit(f"unrecognized arguments: {' '.join(rest)}")
+    configure_logging(settings.log_level)
+    log_settings(settings)
+    options = ServerOptions(
+        host=settings.host,
+        port=settings.port,
+        metrics_port=settings.metrics_port,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+    )
+    asyncio.run(serve(gateway_spec(settings), options))
+
+
+if __name__ == "__main__":
+    main()

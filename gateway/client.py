@@ -1,0 +1,101 @@
+"""A small Python client for ImageService.
+
+from gateway.client import ImageClient
+with ImageClient("127.0.0.1:50050") as client:
+    result = client.generate("a poster that says 'HELLO'", width=512, height=512, seed=7,
+                             on_progress=lambda stage, done, total: ...)
+open("image.png", "wb").write(result.image)
+"""
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+
+FORMATS = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+           "webp": common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class GeneratedImage:
+    image: bytes  # the encoded image
+    accepted: image_service_pb2.Accepted
+    completed: common_pb2.Completed
+
+
+class ImageClient:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None):
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = (
+            grpc.secure_channel(address, credentials, options)
+            if credentials
+            else grpc.insecure_channel(address, options)
+        )
+        self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
+
+    def generate(
+        self,
+        prompt: str,
+        width: int,
+        height: int,
+        *,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        condition_images: Sequence[bytes] = (),
+        output_format: str = "png",
+        request_id: str = "",
+        timeout: float | None = None,
+        on_progress: Callable[[int, int, int], None] | None = None,
+    ) -> GeneratedImage:
+        """Blocks until the image is complete; `on_progress(stage, done, total)` is called for each
+        progress event (stage is common_pb2.STAGE_PLANNING or STAGE_DECODING). Raises grpc.RpcError."""
+        request = image_service_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt=prompt,
+            width=width,
+            height=height,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampling=common_pb2.PlanSampling(temperature=temperature, top_p=top_p, top_k=top_k),
+            condition_images=[common_pb2.InputImage(data=data) for data in condition_images],
+            output_format=FORMATS[output_format],
+        )
+        accepted, chunks, completed = None, [], None
+        for event in self.stub.Generate(request, timeout=timeout):
+            kind = event.WhichOneof("event")
+            if kind == "accepted":
+                accepted = event.accepted
+            elif kind == "progress":
+                if on_progress:
+                    on_progress(event.progress.stage, event.progress.done, event.progress.total)
+            elif kind == "image_chunk":
+                chunks.append(event.image_chunk.data)
+            else:
+                completed = event.completed
+        if completed is None:
+            raise RuntimeError("the stream ended without a completed event")
+        image = b"".join(chunks)
+        if hashlib.sha256(image).hexdigest() != completed.sha256:
+            raise RuntimeError("the image's sha256 does not match the server's")
+        return GeneratedImage(image=image, accepted=accepted, completed=completed)
+
+    def server_info(self, timeout: float = 10) -> common_pb2.ServerInfo:
+        return self.stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "ImageClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

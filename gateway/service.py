@@ -1,0 +1,57 @@
+"""Wires settings, stage pools and the servicer into the shared server lifecycle."""
+
+import grpc
+
+from gateway.replicas import ReplicaPool
+from gateway.servicer import ImageServicer
+from gateway.settings import GatewaySettings
+from glmimage.v1 import decoder_pb2_grpc, image_service_pb2, image_service_pb2_grpc, planner_pb2_grpc
+from servekit.admission import Admission
+from servekit.server import ServiceSpec, package_version
+
+SERVICE_NAME = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+
+
+def _stage_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
+    if not settings.stage_tls_ca_file:
+        return None
+    with open(settings.stage_tls_ca_file, "rb") as ca:
+        return grpc.ssl_channel_credentials(root_certificates=ca.read())
+
+
+def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
+    """Ready (SERVING) once at least one planner and one decoder replica are SERVING."""
+    pools: dict[str, ReplicaPool] = {}  # made in register(): aio channels need the running loop
+
+    def register(server: grpc.aio.Server) -> None:
+        credentials = _stage_credentials(settings)
+        interval = settings.health_interval_seconds
+        pools["planner"] = ReplicaPool(
+            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, interval
+        )
+        pools["decoder"] = ReplicaPool(
+            "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, credentials, interval
+        )
+        servicer = ImageServicer(
+            planners=pools["planner"],
+            decoders=pools["decoder"],
+            admission=Admission("gateway", settings.max_in_flight, settings.max_queued),
+            limits=settings.limits(),
+            planner_attempts=settings.planner_attempts,
+            decoder_attempts=settings.decoder_attempts,
+            default_timeout_s=settings.default_timeout_seconds,
+            version=package_version(),
+        )
+        image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
+
+    async def start() -> None:
+        for pool in pools.values():
+            pool.start()
+        for pool in pools.values():
+            await pool.wait_serving()
+
+    async def stop() -> None:
+        for pool in pools.values():
+            await pool.close()
+
+    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop)

@@ -1,0 +1,111 @@
+"""ImageService: validates and admits requests, resolves defaults, and runs the chain."""
+
+import logging
+import math
+import secrets
+import time
+
+import grpc
+
+from gateway.chain import Chain, ResolvedRequest
+from gateway.replicas import ReplicaPool
+from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
+from servekit import validation
+from servekit.admission import Admission
+from servekit.errors import InvalidRequest, Unavailable
+from servekit.validation import Limits
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
+FORMATS = {common_pb2.IMAGE_FORMAT_UNSPECIFIED, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_JPEG,
+           common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
+
+
+def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> ResolvedRequest:
+    """Validates what the gateway can check without a model, and fills in request id and seed."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    validation.check_prompt(request.prompt, limits)
+    validation.check_size(request.width, request.height, limits)
+    validation.check_steps_and_guidance(request, limits)
+    validation.check_condition_images(request.condition_images, limits)
+    if request.output_format not in FORMATS:
+        raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}")
+    return ResolvedRequest(
+        request_id=request.request_id or secrets.token_hex(8),
+        prompt=request.prompt,
+        width=request.width,
+        height=request.height,
+        seed=request.seed if request.HasField("seed") else secrets.randbits(63),
+        steps=request.num_inference_steps if request.HasField("num_inference_steps") else None,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+        sampling=request.sampling,
+        condition_images=list(request.condition_images),
+        output_format=request.output_format or common_pb2.IMAGE_FORMAT_PNG,
+    )
+
+
+class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
+    def __init__(self, planners: ReplicaPool, decoders: ReplicaPool, admission: Admission, limits: Limits,
+                 planner_attempts: int, decoder_attempts: int, default_timeout_s: float, version: str):  # fmt: skip
+        self.planners = planners
+        self.decoders = decoders
+        self.admission = admission
+        self.limits = limits
+        self.planner_attempts = planner_attempts
+        self.decoder_attempts = decoder_attempts
+        self.default_timeout_s = default_timeout_s
+        self.version = version
+
+    def _decoder_defaults(self) -> tuple[int, float]:
+        """Steps and guidance the decoders use for unset fields (what `accepted` reports)."""
+        for _, info in self.decoders.infos():
+            if info is not None and info.default_num_inference_steps:
+                return info.default_num_inference_steps, info.default_guidance_scale
+        raise Unavailable("decoder: no replica is SERVING")
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+        timeout = self.default_timeout_s if remaining is None or math.isinf(remaining) else remaining
+        deadline = time.monotonic() + timeout
+        resolved = resolve(request, self.limits)
+        async with self.admission.slot():
+            steps, guidance = self._decoder_defaults()
+            if resolved.steps is None:
+                resolved.steps = steps
+            if resolved.guidance_scale is None:
+                resolved.guidance_scale = guidance
+            yield image_service_pb2.GenerateEvent(
+                accepted=image_service_pb2.Accepted(
+                    request_id=resolved.request_id, seed=resolved.seed, width=resolved.width,
+                    height=resolved.height, num_inference_steps=resolved.steps,
+                    guidance_scale=resolved.guidance_scale,
+                )
+            )  # fmt: skip
+            chain = Chain(resolved, self.planners, self.decoders, deadline, self.planner_attempts,
+                          self.decoder_attempts)  # fmt: skip
+            async for event in chain.run():
+                yield event
+
+    async def GetServerInfo(self, request, context):
+        stages = []
+        for role, pool in ((common_pb2.SERVICE_ROLE_PLANNER, self.planners),
+                           (common_pb2.SERVICE_ROLE_DECODER, self.decoders)):  # fmt: skip
+            for target, info in pool.infos():
+                stage = common_pb2.ServerInfo(role=role, address=target)
+                if info is not None:
+                    stage.CopyFrom(info)
+                    stage.address = target
+                stages.append(stage)
+        planner_formats = {s.plan_format for s in stages if s.role == common_pb2.SERVICE_ROLE_PLANNER and s.plan_format}
+        decoder_formats = {s.plan_format for s in stages if s.role == common_pb2.SERVICE_ROLE_DECODER and s.plan_format}
+        return common_pb2.ServerInfo(
+            role=common_pb2.SERVICE_ROLE_GATEWAY,
+            engine="gateway",
+            limits=self.limits.to_proto(),
+            version=self.version,
+            stages=stages,
+            plan_formats_match=len(planner_formats) == 1 and planner_formats == decoder_formats,
+            plan_format=next(iter(planner_formats)) if len(planner_formats) == 1 else "",
+        )
