@@ -27,9 +27,14 @@ lint-deploy:
 test: stubs tiny-model lint
 	@MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The three services on loopback (gateway 50050, planner 50051, decoder 50052) until Ctrl-C.
+serve: stubs tiny-model
+	@$(PY) -m testkit.cluster $(MODEL_DIR) --engine $(ENGINE)
+
+# serve + one request through the CLI -> out/demo.png
 demo: stubs tiny-model
 	@mkdir -p out
-	@$(PY) -m testkit.reference $(MODEL_DIR) out/demo.png
+	@MODEL_DIR=$(MODEL_DIR) ENGINE=$(ENGINE) scripts/demo.sh
 
 clean:
 	rm -rf .cache out glmimage

@@ -5,6 +5,7 @@ import secrets
 import time
 
 from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc
+from planner_service import metrics
 from planner_service.chunking import TokenChunker
 from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
 from planner_service.images import decode_condition_image
@@ -89,7 +90,20 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     async def Plan(self, request, context):
         arrived = time.perf_counter()
         job = job_from_proto(request, self.limits, self.engine.codebook_size)
+        outcome = "cancelled"
+        try:
+            async for chunk in self._plan(job, arrived):
+                yield chunk
+            outcome = "completed"
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            metrics.PLANS.labels(outcome).inc()
+
+    async def _plan(self, job: PlanJob, arrived: float):
         async with self.admission.slot() as queue_seconds:
+            metrics.QUEUE_SECONDS.observe(queue_seconds)
             layout = await self.engine.prepare(job)
             logger.info(
                 "plan %s: %dx%d, %d condition images, %d tokens",
@@ -102,6 +116,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             first_token_at = None
             async for ids in self.engine.generate(job, layout):
                 first_token_at = first_token_at or time.perf_counter()
+                metrics.TOKENS.inc(len(ids))
                 for tokens in chunker.feed(ids):
                     yield planner_pb2.PlanChunk(tokens=tokens)
             for tokens in chunker.flush():
@@ -109,6 +124,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             if chunker.produced != layout.total_tokens:
                 raise RuntimeError(f"engine produced {chunker.produced} of {layout.total_tokens} plan tokens")
             done = time.perf_counter()
+            metrics.FIRST_TOKEN_SECONDS.observe((first_token_at or done) - arrived)
+            metrics.PLAN_SECONDS.observe(done - arrived)
             yield planner_pb2.PlanChunk(
                 summary=planner_pb2.PlanSummary(
                     preview_tokens=layout.preview_tokens,

@@ -1,0 +1,220 @@
+"""The three services as real processes on loopback, driven through the gateway's public API."""
+
+import io
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from servers import SERVING, health_status
+
+from gateway.client import ImageClient
+from glmimage.v1 import common_pb2
+from testkit import reference
+from testkit.cluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "a poster that says 'HELLO'"
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    # two replicas of each stage, so that failover has somewhere to go
+    with Cluster(str(model_dir), engine="transformers", planners=2, decoders=2,
+                 gateway_args=["--health-interval-seconds", "0.5"]) as running:  # fmt: skip
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with ImageClient(cluster.gateway.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return reference.load_pipeline(model_dir)
+
+
+def metric(service, name: str, **labels) -> float:
+    """One sample from a service's /metrics endpoint (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def stages(cluster, kind: str):
+    return [s for s in cluster.services if s.name.startswith(kind)]
+
+
+def in_flight(cluster, kind: str) -> float:
+    return sum(metric(s, "glmimage_requests_in_flight", stage=kind) for s in stages(cluster, kind) if s.alive())
+
+
+def wait_idle(cluster, timeout: float = 10.0) -> float:
+    """Seconds until no planner or decoder has a request in flight."""
+    started = time.perf_counter()
+    while in_flight(cluster, "planner") or in_flight(cluster, "decoder"):
+        assert time.perf_counter() - started < timeout, "a stage kept working on a stopped request"
+        time.sleep(0.1)
+    return time.perf_counter() - started
+
+
+def completed_plans(cluster) -> float:
+    return sum(metric(s, "glmimage_planner_plans_total", outcome="completed") for s in stages(cluster, "planner"))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def restart(cluster, service) -> None:
+    service.start({**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while health_status_or_none(service.address) != SERVING:
+        assert time.monotonic() < deadline, f"{service.name} did not come back"
+        time.sleep(0.5)
+    time.sleep(1.5)  # the gateway's next health check sees it
+
+
+def health_status_or_none(address: str):
+    try:
+        return health_status(address)
+    except grpc.RpcError:
+        return None
+
+
+def test_greedy_image_equals_the_monolithic_pipeline(client, pipe):
+    result = client.generate(PROMPT, 256, 256, seed=7, num_inference_steps=3, temperature=0.0)
+    greedy = reference.greedy_plan(pipe, PROMPT, 256, 256)
+    preview_tokens = 256
+    target = greedy[preview_tokens : preview_tokens + 64]
+    expected = reference.render(pipe, PROMPT, 256, 256, seed=7, steps=3, target_ids=target)
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+    assert result.accepted.seed == result.completed.seed == 7
+    assert result.completed.plan_tokens == 64 and result.completed.format == common_pb2.IMAGE_FORMAT_PNG
+
+
+@pytest.mark.parametrize(("width", "height"), [(256, 256), (512, 256)])
+def test_sampled_image_equals_the_monolithic_pipeline(client, pipe, width, height):
+    result = client.generate(PROMPT, width, height, seed=11, num_inference_steps=2)
+    expected = reference.render(pipe, PROMPT, width, height, seed=11, steps=2)  # AR + DiT in one call
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+
+
+def test_image_to_image_equals_the_monolithic_pipeline(client, pipe):
+    source = Image.fromarray((np.random.RandomState(3).rand(200, 300, 3) * 255).astype("uint8"))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    result = client.generate(PROMPT, 256, 256, seed=5, num_inference_steps=2, condition_images=[buffer.getvalue()])
+    expected = reference.render(pipe, PROMPT, 256, 256, seed=5, steps=2, images=[source])
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+
+
+def test_progress_is_reported_for_both_stages(client):
+    events = []
+    result = client.generate(PROMPT, 256, 256, seed=1, num_inference_steps=4, on_progress=lambda *e: events.append(e))
+    planning = [e for e in events if e[0] == common_pb2.STAGE_PLANNING]
+    decoding = [e for e in events if e[0] == common_pb2.STAGE_DECODING]
+    assert planning[-1][1:] == (320, 320) and [d for _, d, _ in planning] == sorted(d for _, d, _ in planning)
+    assert [(d, t) for _, d, t in decoding] == [(i, 4) for i in range(1, 5)]
+    assert result.accepted.num_inference_steps == 4
+
+
+def test_server_info_reports_both_stages(client):
+    info = client.server_info()
+    assert info.role == common_pb2.SERVICE_ROLE_GATEWAY
+    roles = sorted(s.role for s in info.stages)
+    assert roles == [common_pb2.SERVICE_ROLE_PLANNER] * 2 + [common_pb2.SERVICE_ROLE_DECODER] * 2
+    assert info.plan_formats_match and info.plan_format.startswith("glm-image/vq64/")
+
+
+def test_bad_input_is_rejected_with_the_stage_named(client, cluster):
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(PROMPT, 250, 256)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "width must be a multiple of 32" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(PROMPT, 256, 256, condition_images=[b"not an image"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("planner: condition_images[0] is not a decodable")
+    assert health_status(cluster.gateway.address) == SERVING
+
+
+def test_deadline_exceeded_stops_both_stages(client, cluster):
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(PROMPT, 256, 256, num_inference_steps=400, timeout=3.0)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_idle(cluster) < 2.0
+
+
+@pytest.mark.parametrize("stage", [common_pb2.STAGE_PLANNING, common_pb2.STAGE_DECODING])
+def test_client_cancellation_stops_both_stages(cluster, stage):
+    from glmimage.v1 import image_service_pb2, image_service_pb2_grpc
+
+    with grpc.insecure_channel(cluster.gateway.address) as channel:
+        stub = image_service_pb2_grpc.ImageServiceStub(channel)
+        call = stub.Generate(image_service_pb2.GenerateRequest(prompt=PROMPT, width=512, height=512,
+                                                               num_inference_steps=400))  # fmt: skip
+        for event in call:
+            if event.WhichOneof("event") == "progress" and event.progress.stage == stage:
+                break
+        call.cancel()
+    assert wait_idle(cluster) < 2.0
+
+
+def test_decoder_killed_mid_denoise_is_replaced_without_replanning(client, cluster):
+    plans_before = completed_plans(cluster)
+    killed = []
+
+    def on_progress(stage, done, total):
+        if stage == common_pb2.STAGE_DECODING and done == 2 and not killed:
+            busy = [s for s in stages(cluster, "decoder") if metric(s, "glmimage_requests_in_flight", stage="decoder")]
+            busy[0].signal(signal.SIGKILL)
+            killed.append(busy[0])
+
+    result = client.generate(PROMPT, 256, 256, seed=2, num_inference_steps=60, on_progress=on_progress)
+    assert killed and result.completed.decoder_attempts == 2 and result.completed.planner_attempts == 1
+    assert completed_plans(cluster) - plans_before == 1, "the plan was replayed, not generated again"
+    restart(cluster, killed[0])
+
+
+def test_planner_killed_before_its_first_token_is_replaced(client, cluster):
+    victim = stages(cluster, "planner")[0]
+    victim.signal(signal.SIGKILL)
+    victim.process.wait()
+    result = client.generate(PROMPT, 256, 256, seed=4, num_inference_steps=2)
+    assert result.completed.planner_attempts in (1, 2) and len(result.image) > 0
+    restart(cluster, victim)
+
+
+def test_concurrent_requests_all_complete(client):
+    results, errors = [], []
+
+    def one(seed):
+        try:
+            results.append(client.generate(PROMPT, 256, 256, seed=seed, num_inference_steps=2))
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 4
+
+
+def test_graceful_shutdown_exits_zero(cluster):
+    codes = cluster.stop()
+    assert codes == {name: 0 for name in codes}, codes

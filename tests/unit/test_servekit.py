@@ -1,0 +1,135 @@
+"""servekit: limits, settings, admission and the error interceptor."""
+
+import asyncio
+import dataclasses
+
+import grpc
+import pytest
+
+from glmimage.v1 import common_pb2, image_service_pb2
+from servekit import validation
+from servekit.admission import Admission
+from servekit.errors import InvalidRequest, Overloaded
+from servekit.settings import option, parse_settings
+from servekit.validation import Limits
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(("width", "height"), [(512, 512), (2048, 512), (544, 1984)])
+def test_sizes_within_limits_pass(width, height):
+    validation.check_size(width, height, Limits())
+
+
+@pytest.mark.parametrize(("width", "height", "bad"), [(500, 512, "width"), (512, 480, "height"), (2080, 512, "width")])
+def test_sizes_outside_limits_name_the_rule(width, height, bad):
+    with pytest.raises(InvalidRequest, match=f"{bad} must be a multiple of 32 between 512 and 2048 pixels"):
+        validation.check_size(width, height, Limits())
+
+
+def test_steps_and_guidance_are_checked_only_when_set():
+    validation.check_steps_and_guidance(image_service_pb2.GenerateRequest(), Limits())
+    with pytest.raises(InvalidRequest, match="num_inference_steps must be between 1 and 100, got 0"):
+        validation.check_steps_and_guidance(image_service_pb2.GenerateRequest(num_inference_steps=0), Limits())
+    with pytest.raises(InvalidRequest, match="guidance_scale must be a finite number"):
+        validation.check_steps_and_guidance(image_service_pb2.GenerateRequest(guidance_scale=float("inf")), Limits())
+
+
+def test_sampling_rules():
+    validation.check_sampling(common_pb2.PlanSampling(temperature=0, top_p=1.0, top_k=0), codebook_size=64)
+    for bad in (dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=65)):
+        with pytest.raises(InvalidRequest, match="sampling"):
+            validation.check_sampling(common_pb2.PlanSampling(**bad), codebook_size=64)
+
+
+def test_inconsistent_limits_are_refused():
+    with pytest.raises(ValueError):
+        Limits(min_side=1024, max_side=512)
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    port: int = option(50051, "port")
+    name: str = option("x", "name")
+    enabled: bool = option(False, "switch")
+    ratio: float = option(0.5, "ratio")
+
+    def validate(self):
+        if self.port <= 0:
+            raise ValueError("--port must be > 0")
+
+
+def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
+    monkeypatch.setenv("DEMO_PORT", "6000")
+    monkeypatch.setenv("DEMO_ENABLED", "true")
+    settings, rest = parse_settings(DemoSettings, "DEMO", ["--name", "y", "--extra", "1"])
+    assert settings == DemoSettings(port=6000, name="y", enabled=True, ratio=0.5)
+    assert rest == ["--extra", "1"]
+    settings, _ = parse_settings(DemoSettings, "DEMO", ["--port", "7000"])
+    assert settings.port == 7000
+
+
+def test_settings_validation_stops_start_up(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(DemoSettings, "DEMO", ["--port", "0"])
+    assert "--port must be > 0" in capsys.readouterr().err
+
+
+def test_admission_bounds_in_flight_and_queue():
+    async def scenario():
+        admission = Admission("unit", max_in_flight=1, max_queued=1)
+        release = asyncio.Event()
+        order = []
+
+        async def hold(name):
+            async with admission.slot():
+                order.append(name)
+                await release.wait()
+
+        first = asyncio.create_task(hold("first"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(hold("second"))
+        await asyncio.sleep(0)
+        assert (admission.in_flight, admission.queued) == (1, 1)
+        with pytest.raises(Overloaded, match="1 requests in flight \\(max 1\\) and 1 queued \\(max 1\\)"):
+            async with admission.slot():
+                pass
+        release.set()
+        await asyncio.gather(first, second)
+        assert order == ["first", "second"] and (admission.in_flight, admission.queued) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_error_interceptor_maps_domain_errors_and_hides_bugs():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from servekit.errors import ErrorInterceptor
+
+    class Faulty(health_pb2_grpc.HealthServicer):
+        async def Check(self, request, context):
+            if request.service == "bad":
+                raise InvalidRequest("service must be empty")
+            raise KeyError("secret internals")
+
+    async def scenario():
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        health_pb2_grpc.add_HealthServicer_to_server(Faulty(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                results = []
+                for name in ("bad", "boom"):
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                    except grpc.aio.AioRpcError as error:
+                        results.append((error.code(), error.details()))
+                return results
+        finally:
+            await server.stop(0)
+
+    (bad_code, bad_details), (boom_code, boom_details) = asyncio.run(scenario())
+    assert (bad_code, bad_details) == (grpc.StatusCode.INVALID_ARGUMENT, "service must be empty")
+    assert boom_code == grpc.StatusCode.INTERNAL and "secret" not in boom_details
