@@ -450,6 +450,9 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
         container = main_container(deployment)
         args = [str(a) for a in container.get("args", [])]
         image = container["image"]
+        tag = image.split("@")[0].rsplit("/", 1)[-1].partition(":")[2]
+        if pod["metadata"]["labels"].get("app.kubernetes.io/version") != tag:
+            problems.append(f"{stage}: pod label app.kubernetes.io/version should be the image tag {tag}")
         if image.endswith(":latest") or re.search(r":latest@", image) or ":" not in image.split("/")[-1]:
             problems.append(f"{stage}: image {image} is not pinned")
         if container.get("command"):
@@ -617,6 +620,8 @@ def check_stage_isolation(base_values: dict) -> list[str]:
         template_after = after[deployment[0]]["spec"]["template"]
         if main_container({"spec": {"template": template_after}})["image"].find("9.9.9-upgrade") < 0:
             problems.append(f"{stage}: the new tag is not in the pod's image")
+        if template_after["metadata"]["labels"].get("app.kubernetes.io/version") != "9.9.9-upgrade":
+            problems.append(f"{stage}: the pods' app.kubernetes.io/version label does not follow the tag")
         if template_before == template_after:
             problems.append(f"{stage}: the pod template did not change")
     return problems
