@@ -409,7 +409,7 @@ def check_kubernetes_schemas(objects: list[Manifest]) -> list[str]:
 
 
 def check_objects(objects: list[Manifest], values: dict) -> list[str]:
-    """What the issue asks of the chart, checked on the rendered objects."""
+    """The chart's rules, checked on the rendered objects."""
     problems: list[str] = []
     merged = values
     deployments = {component(d): d for d in of_kind(objects, "Deployment")}
