@@ -1,0 +1,758 @@
+"""Checks of the deployment files beyond what hadolint and `helm lint` see.
+
+    python scripts/check_chart.py                 # run every check (scripts/lint_deploy.sh does)
+    python scripts/check_chart.py --write-readme  # regenerate the chart README's values table
+
+Runs in the .venv-deploy made by scripts/lint_deploy.sh: helm-python-sdk (Helm's Go SDK: lint,
+render, schema validation, no cluster), kubernetes-validate (the Kubernetes API schemas), jsonschema
+and PyYAML. Prints one line per check and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "glm-image-serve"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+DOCKER = ROOT / "docker"
+STAGES = ("planner", "decoder", "gateway")
+GPU_STAGES = ("planner", "decoder")
+RELEASE, NAMESPACE = "glm", "glm-test"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
+KUBE_VERSIONS = ("1.27", "1.33")
+SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
+README_START, README_END = "<!-- values-table:start -->", "<!-- values-table:end -->"
+
+Manifest = dict[str, Any]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.failures = 0
+        self.passes = 0
+
+    def check(self, name: str, problems: list[str]) -> None:
+        if problems:
+            self.failures += 1
+            print(f"FAIL {name}")
+            for problem in problems:
+                print(f"     - {problem}")
+        else:
+            self.passes += 1
+            print(f"ok   {name}")
+
+    def run(self, name: str, fn: Callable[[], list[str]]) -> None:
+        try:
+            problems = fn()
+        except Exception as error:  # a check that crashes is a failed check
+            problems = [f"{type(error).__name__}: {error}"]
+        self.check(name, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render(values: dict | None = None) -> list[Manifest]:
+    """`helm template` of the chart: the rendered objects (NOTES.txt left out)."""
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for document in yaml.safe_load_all(text):
+            if document:
+                document.setdefault("metadata", {}).setdefault("annotations", {})
+                document["_template"] = path.rsplit("/", 1)[-1]
+                objects.append(document)
+    return objects
+
+
+def render_error(values: dict) -> str | None:
+    try:
+        render(values)
+    except helm.HelmError as error:
+        return str(error)
+    return None
+
+
+def of_kind(objects: list[Manifest], kind: str) -> list[Manifest]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def component(obj: Manifest) -> str | None:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def main_container(deployment: Manifest) -> Manifest:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def arg_value(args: list[str], flag: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+    return None
+
+
+def scenarios() -> Iterator[tuple[str, dict]]:
+    """Value sets every rendering check runs on: defaults, each example, and the optional paths."""
+    yield "defaults", {}
+    for example in EXAMPLES:
+        yield f"examples/{example.name}", load_yaml(example)
+    yield (
+        "tls+monitors+autoscaling",
+        {
+            "planner": {
+                "tls": {"enabled": True, "secretName": "glm-planner-tls"},
+                "autoscaling": {"enabled": True},
+                "metrics": {"serviceMonitor": {"enabled": True}},
+            },
+            "decoder": {
+                "tls": {"enabled": True, "secretName": "glm-decoder-tls"},
+                "autoscaling": {"enabled": True},
+                "metrics": {"serviceMonitor": {"enabled": True}},
+            },
+            "gateway": {
+                "tls": {"enabled": True, "secretName": "glm-gateway-tls"},
+                "stageTLS": {"caSecretName": "glm-ca"},
+                "autoscaling": {"enabled": True},
+                "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+            },
+        },
+    )
+    yield (
+        "existing claim + download + token + digest",
+        {
+            "model": {
+                "existingClaim": "weights",
+                "download": {"enabled": True, "revision": "0123456789abcdef", "tokenSecret": {"name": "hf"}},
+            },
+            "decoder": {"image": {"digest": "sha256:" + "a" * 64}},
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfiles and compose
+
+
+def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage: [(INSTRUCTION, arguments)], continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction, rest.strip()))
+    return stages
+
+
+def check_dockerfile(stage: str) -> list[str]:
+    path = DOCKER / f"{stage}.Dockerfile"
+    problems = []
+    text = path.read_text()
+    stages = dockerfile_stages(path)
+    if len(stages) < 2:
+        problems.append("not multi-stage")
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    if not base or not re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+(@sha256:[a-f0-9]{64})?", base.group(1)):
+        problems.append("base image must be a pinned python:X.Y.Z-slim-<debian> (ARG PYTHON_IMAGE)")
+    final = stages[-1] if stages else []
+    instructions = [i for i, _ in final]
+    users = [a for i, a in final if i == "USER"]
+    if not users or users[-1].split(":")[0] in ("root", "0"):
+        problems.append("final stage must switch to a non-root USER")
+    entrypoints = [a for i, a in final if i == "ENTRYPOINT"]
+    package = {"planner": "planner_service", "decoder": "decoder_service", "gateway": "gateway"}[stage]
+    if not entrypoints or json.loads(entrypoints[-1]) != ["python", "-m", package]:
+        problems.append(f'ENTRYPOINT must be exec-form ["python", "-m", "{package}"]')
+    if "HEALTHCHECK" not in instructions or "servekit.healthcheck" not in dict(final).get("HEALTHCHECK", ""):
+        problems.append("final stage needs a HEALTHCHECK through servekit.healthcheck (grpc.health.v1)")
+    # dependencies before source: in the build stage, `pip install -r` precedes any source COPY
+    for instructions_of_stage in stages[:-1]:
+        seen_install = False
+        for instruction, args in instructions_of_stage:
+            if instruction == "RUN" and "pip install -r" in args:
+                seen_install = True
+            if instruction == "COPY" and re.search(
+                r"\b(servekit|planner_service|decoder_service|gateway)/", args
+            ):
+                if not seen_install:
+                    problems.append(f"source copied before the dependencies are installed: COPY {args}")
+        if any(i == "COPY" and "pyproject.toml" in a for i, a in instructions_of_stage):
+            if not any(i == "RUN" and "--no-deps" in a for i, a in instructions_of_stage):
+                problems.append("the project must be installed with pip install --no-deps")
+    if re.search(r"^\s*(COPY|ADD)\s.*\bmodels?\b", text, re.M | re.I):
+        problems.append("model weights must be mounted, never copied into the image")
+    if re.search(r"^\s*ADD\s+https?://", text, re.M):
+        problems.append("no downloads with ADD")
+    requirements = "gateway.txt" if stage == "gateway" else "gpu.txt"
+    if f"requirements/{requirements}" not in text:
+        problems.append(f"must install requirements/{requirements}")
+    if stage == "gateway":
+        instructions = "\n".join(f"{i} {a}" for stage_ in stages for i, a in stage_)
+        if re.search(r"gpu\.txt|cpu\.txt|torch|cuda|nvidia", instructions, re.I):
+            problems.append("the gateway image must have no torch and no CUDA")
+        gateway_requirements = (ROOT / "requirements" / "gateway.txt").read_text()
+        heavy = [
+            line
+            for line in gateway_requirements.splitlines()
+            if re.match(r"\s*(torch|vllm|diffusers|transformers|nvidia-)", line, re.I)
+        ]
+        if heavy:
+            problems.append(f"requirements/gateway.txt pulls GPU packages: {heavy}")
+    if stage == "planner" and not re.search(r"pip install --no-deps[^\n]*/src", text):
+        problems.append("the planner must pip install the project (vllm.general_plugins entry point)")
+    return problems
+
+
+def check_dockerignore() -> list[str]:
+    path = ROOT / ".dockerignore"
+    if not path.exists():
+        return [".dockerignore missing"]
+    text = path.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    problems = []
+    if not lines or lines[0] != "*":
+        problems.append(".dockerignore should start with '*' (allow-list)")
+    for needed in ("pyproject.toml", "requirements/", "protos/", "servekit/"):
+        if f"!{needed}" not in lines:
+            problems.append(f".dockerignore does not let {needed} in")
+    return problems
+
+
+def check_compose() -> list[str]:
+    compose = load_yaml(DOCKER / "compose.yaml")
+    services = compose.get("services", {})
+    problems = []
+    if set(services) != set(STAGES):
+        return [f"services should be {STAGES}, found {sorted(services)}"]
+    for name, service in services.items():
+        build = service.get("build", {})
+        if build.get("dockerfile") != f"docker/{name}.Dockerfile":
+            problems.append(f"{name}: build.dockerfile should be docker/{name}.Dockerfile")
+        image = service.get("image", "")
+        if image.endswith(":latest") or ":" not in image:
+            problems.append(f"{name}: image needs a pinned tag ({image})")
+        test = service.get("healthcheck", {}).get("test", [])
+        if "servekit.healthcheck" not in test:
+            problems.append(f"{name}: healthcheck must use servekit.healthcheck")
+        grace = str(service.get("stop_grace_period", "10s"))
+        seconds = int(re.sub(r"s$", "", grace)) if re.fullmatch(r"\d+s", grace) else 0
+        if seconds <= 30:
+            problems.append(f"{name}: stop_grace_period ({grace}) must exceed --shutdown-grace-seconds 30")
+    for name, gpu in (("planner", "0"), ("decoder", "1")):
+        reservations = services[name].get("deploy", {}).get("resources", {}).get("reservations", {})
+        devices = reservations.get("devices", [])
+        if not devices or devices[0].get("device_ids") != [gpu]:
+            problems.append(f"{name}: should reserve GPU {gpu}")
+        mounts = [v for v in services[name].get("volumes", []) if ":/models/" in v]
+        if not mounts or not all(v.endswith(":ro") for v in mounts):
+            problems.append(f"{name}: weights must be mounted read-only under /models")
+    if "deploy" in services["gateway"]:
+        problems.append("gateway: must not reserve a GPU")
+    depends = services["gateway"].get("depends_on", {})
+    for stage in GPU_STAGES:
+        if depends.get(stage, {}).get("condition") != "service_healthy":
+            problems.append(f"gateway must depend on {stage} with condition service_healthy")
+    command = services["gateway"].get("command", [])
+    if "--planner=dns:///planner:50051" not in command or "--decoder=dns:///decoder:50052" not in command:
+        problems.append("gateway must dial dns:///planner:50051 and dns:///decoder:50052")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the chart: lint and schema
+
+
+def check_lint(values: dict) -> list[str]:
+    report = helm.lint(str(CHART), values or None, strict=True, namespace=NAMESPACE, kube_version="v1.27.0")
+    messages = [m for m in report.get("messages", []) if m["severity"] >= 2]  # warnings and errors
+    problems = [f"{m['path']}: {m['error'].strip()}" for m in messages]
+    problems += [e.strip() for e in report.get("errors") or [] if e.strip() not in " ".join(problems)]
+    return problems
+
+
+def check_schema_documents() -> list[str]:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    problems = []
+    defaults = load_yaml(CHART / "values.yaml")
+    for name, values in [("values.yaml", defaults)] + [(e.name, load_yaml(e)) for e in EXAMPLES]:
+        for error in validator.iter_errors(deep_merge(defaults, values)):
+            problems.append(f"{name}: {'/'.join(map(str, error.absolute_path))}: {error.message}")
+    return problems
+
+
+# Values the schema must reject (each would otherwise deploy something wrong).
+SCHEMA_REJECTS = {
+    "decoder.image.tag latest": {"decoder": {"image": {"tag": "latest"}}},
+    "planner.image.tag latest": {"planner": {"image": {"tag": "latest"}}},
+    "gateway.image.tag latest": {"gateway": {"image": {"tag": "latest"}}},
+    "download image tag latest": {"model": {"download": {"image": {"repository": "x/hf", "tag": "latest"}}}},
+    "malformed digest": {"decoder": {"image": {"digest": "sha256:1234"}}},
+    "typo at top level": {"planer": {"replicas": 2}},
+    "typo in a stage": {"decoder": {"replica": 2}},
+    "negative replicas": {"gateway": {"replicas": -1}},
+    "port out of range": {"planner": {"port": 70000}},
+    "unknown pull policy": {"planner": {"image": {"pullPolicy": "Sometimes"}}},
+    "probe period 0": {"decoder": {"probes": {"readiness": {"periodSeconds": 0}}}},
+    "relative model path": {"model": {"path": "models/glm-image"}},
+    "unknown engine": {"planner": {"engine": "tensorrt"}},
+    "KEDA threshold not a number": {"decoder": {"autoscaling": {"threshold": "a lot"}}},
+}
+
+
+def check_schema_rejects() -> list[str]:
+    problems = []
+    with helm.Chart.load(str(CHART)) as chart:
+        for name, values in SCHEMA_REJECTS.items():
+            try:
+                chart.validate_schema(values)
+            except helm.HelmError:
+                continue
+            problems.append(f"schema accepted {name}: {values}")
+    return problems
+
+
+# Values that pass the schema but must stop the render, with the message a user needs.
+RENDER_REJECTS = {
+    "termination grace <= preStop + shutdown grace": (
+        {"decoder": {"terminationGracePeriodSeconds": 30, "shutdownGraceSeconds": 30}},
+        "decoder.terminationGracePeriodSeconds",
+    ),
+    "planner GPUs != tensor parallel size": (
+        {"planner": {"extraArgs": ["--tensor-parallel-size", "2"]}},
+        "nvidia.com/gpu is 1 but",
+    ),
+    "no model storage": ({"model": {"download": {"enabled": False}}}, "model.existingClaim"),
+    "model.path outside mountPath": ({"model": {"path": "/data/glm-image"}}, "model.path"),
+    "TLS on one stage only": (
+        {"planner": {"tls": {"enabled": True, "secretName": "a"}}},
+        "planner.tls.enabled and decoder.tls.enabled",
+    ),
+    "TLS without a secret": (
+        {"planner": {"tls": {"enabled": True}}, "decoder": {"tls": {"enabled": True}}},
+        "tls.secretName is required",
+    ),
+}
+
+
+def check_render_rejects() -> list[str]:
+    problems = []
+    for name, (values, expected) in RENDER_REJECTS.items():
+        error = render_error(values)
+        if error is None:
+            problems.append(f"rendered although {name}")
+        elif expected not in error:
+            problems.append(f"{name}: expected an error naming {expected!r}, got: {error.strip()}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the chart: rendered objects
+
+
+def check_kubernetes_schemas(objects: list[Manifest]) -> list[str]:
+    problems = []
+    for obj in objects:
+        if obj["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            continue  # CRDs: checked structurally in check_objects
+        clean = {k: v for k, v in obj.items() if k != "_template"}
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(clean, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                where = "/".join(map(str, error.path))
+                problems.append(f"{obj['_template']} (k8s {version}): {where}: {error.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                problems.append(f"{obj['_template']}: no Kubernetes {version} schema for {obj['kind']}")
+    return problems
+
+
+def check_objects(objects: list[Manifest], values: dict) -> list[str]:
+    """The chart's rules, checked on the rendered objects."""
+    problems: list[str] = []
+    merged = values
+    deployments = {component(d): d for d in of_kind(objects, "Deployment")}
+    services = {component(s): s for s in of_kind(objects, "Service")}
+    if set(deployments) != set(STAGES):
+        return [f"expected one Deployment per stage, found components {sorted(map(str, deployments))}"]
+
+    for obj in objects:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        labels = obj["metadata"].get("labels", {})
+        if obj["kind"] != "ServiceAccount" and labels.get("app.kubernetes.io/component") not in STAGES:
+            problems.append(f"{name}: no app.kubernetes.io/component label")
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"):
+            if key not in labels:
+                problems.append(f"{name}: no {key} label")
+        expected_template = f"{obj['kind'].lower()}-{component(obj)}.yaml"
+        if obj["kind"] != "ServiceAccount" and obj["_template"] != expected_template:
+            problems.append(f"{name}: comes from {obj['_template']}, expected {expected_template}")
+
+    for stage, deployment in deployments.items():
+        spec = deployment["spec"]
+        pod = spec["template"]
+        selector = spec["selector"]["matchLabels"]
+        if set(selector) != SELECTOR_KEYS or selector["app.kubernetes.io/component"] != stage:
+            problems.append(f"{stage}: selector must be name, instance, component only: {selector}")
+        if any(pod["metadata"]["labels"].get(k) != v for k, v in selector.items()):
+            problems.append(f"{stage}: pod labels do not match the selector")
+        if "helm.sh/chart" in pod["metadata"]["labels"]:
+            problems.append(
+                f"{stage}: no chart version on pod labels (a chart bump would restart every stage)"
+            )
+        if spec["strategy"]["type"] != "RollingUpdate":
+            problems.append(f"{stage}: strategy must be RollingUpdate")
+        autoscaled = merged[stage]["autoscaling"]["enabled"]
+        if autoscaled == ("replicas" in spec):
+            problems.append(f"{stage}: replicas must be rendered exactly when autoscaling is off")
+        pod_spec = pod["spec"]
+        container = main_container(deployment)
+        args = [str(a) for a in container.get("args", [])]
+        image = container["image"]
+        tag = image.split("@")[0].rsplit("/", 1)[-1].partition(":")[2]
+        if pod["metadata"]["labels"].get("app.kubernetes.io/version") != tag:
+            problems.append(f"{stage}: pod label app.kubernetes.io/version should be the image tag {tag}")
+        if image.endswith(":latest") or re.search(r":latest@", image) or ":" not in image.split("/")[-1]:
+            problems.append(f"{stage}: image {image} is not pinned")
+        if container.get("command"):
+            problems.append(f"{stage}: must keep the image's ENTRYPOINT (python -m ...), found a command")
+        grace = int(arg_value(args, "--shutdown-grace-seconds") or 30)
+        pre_stop = 0
+        if "lifecycle" in container:
+            pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+        if pod_spec["terminationGracePeriodSeconds"] <= grace + pre_stop:
+            problems.append(f"{stage}: terminationGracePeriodSeconds must exceed preStop + shutdown grace")
+        if str(container["ports"][0]["containerPort"]) != arg_value(args, "--port"):
+            problems.append(f"{stage}: container port and --port differ")
+        # probes: readiness and liveness both present and distinct; a long startup probe on GPUs
+        readiness, liveness = container.get("readinessProbe"), container.get("livenessProbe")
+        if not readiness or not liveness:
+            problems.append(f"{stage}: needs readiness and liveness probes")
+        elif readiness == liveness:
+            problems.append(f"{stage}: liveness and readiness probes must differ")
+        tls = merged[stage]["tls"]["enabled"]
+        startup = container.get("startupProbe")
+        for kind, probe in (("readiness", readiness), ("liveness", liveness), ("startup", startup)):
+            if not probe:
+                continue
+            if tls and "exec" not in probe:
+                problems.append(f"{stage}: {kind} probe must run the health client when serving TLS")
+            if not tls and probe.get("grpc", {}).get("port") != container["ports"][0]["containerPort"]:
+                problems.append(f"{stage}: {kind} probe must be a native gRPC probe on the gRPC port")
+        if stage in GPU_STAGES:
+            if not startup or startup["periodSeconds"] * startup["failureThreshold"] < 600:
+                problems.append(f"{stage}: needs a startup probe allowing 10+ minutes of model loading")
+        if (
+            liveness
+            and readiness
+            and liveness["periodSeconds"] * liveness["failureThreshold"]
+            <= (readiness["periodSeconds"] * readiness["failureThreshold"])
+        ):
+            problems.append(f"{stage}: liveness must be more patient than readiness")
+        # GPUs and the model
+        gpus = int((container.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+        mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+        if stage in GPU_STAGES:
+            if gpus < 1:
+                problems.append(f"{stage}: needs nvidia.com/gpu")
+            model_mount = mounts.get("model")
+            if not model_mount or not model_mount.get("readOnly"):
+                problems.append(f"{stage}: the model must be mounted read-only")
+            if arg_value(args, "--model") != merged["model"]["path"]:
+                problems.append(f"{stage}: --model is not model.path")
+        else:
+            if gpus or "model" in mounts:
+                problems.append("gateway: must use no GPU and no model")
+        if stage == "planner":
+            tp = int(arg_value(args, "--tensor-parallel-size") or 1)
+            pp = int(arg_value(args, "--pipeline-parallel-size") or 1)
+            if gpus != tp * pp:
+                problems.append(f"planner: {gpus} GPUs for tensor x pipeline parallel size {tp * pp}")
+        if pod_spec.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"{stage}: pods must run as non-root")
+        if tls and (arg_value(args, "--tls-cert-file") is None or arg_value(args, "--tls-key-file") is None):
+            problems.append(f"{stage}: TLS enabled but --tls-cert-file/--tls-key-file missing")
+        if merged["model"]["download"]["enabled"] and stage in GPU_STAGES:
+            init = {c["name"]: c for c in pod_spec.get("initContainers", [])}.get("model-fetch")
+            if not init or init.get("command") != ["hf"] or "download" not in init.get("args", []):
+                problems.append(f"{stage}: model.download needs an `hf download` init container")
+            elif any(e["name"] == "HF_TOKEN" and "value" in e for e in init.get("env", [])):
+                problems.append(f"{stage}: the hub token must come from a Secret")
+
+    # Services: planner and decoder headless; the gateway dials exactly them
+    for stage in GPU_STAGES:
+        service = services.get(stage)
+        if not service or service["spec"].get("clusterIP") != "None":
+            problems.append(f"{stage}: needs a headless Service")
+            continue
+        if service["spec"]["selector"] != deployments[stage]["spec"]["selector"]["matchLabels"]:
+            problems.append(f"{stage}: headless Service selector differs from the Deployment's")
+        fqdn = f"{service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}"
+        port = service["spec"]["ports"][0]["port"]
+        gateway_args = [str(a) for a in main_container(deployments["gateway"])["args"]]
+        expected = f"dns:///{fqdn}:{port}"
+        if not merged["gateway"][f"{stage}Targets"] and arg_value(gateway_args, f"--{stage}") != expected:
+            problems.append(f"gateway: --{stage} should be {expected}")
+    gateway_service = services.get("gateway")
+    if not gateway_service or gateway_service["spec"].get("clusterIP") == "None":
+        problems.append("gateway: needs a (non-headless) Service")
+    if merged["planner"]["tls"]["enabled"]:
+        gateway_args = [str(a) for a in main_container(deployments["gateway"])["args"]]
+        if arg_value(gateway_args, "--stage-tls-ca-file") is None:
+            problems.append("gateway: stages serve TLS but --stage-tls-ca-file is missing")
+
+    # PDBs, autoscalers and monitors point at the right pods
+    for pdb in of_kind(objects, "PodDisruptionBudget"):
+        stage = component(pdb)
+        if pdb["spec"]["selector"]["matchLabels"] != deployments[stage]["spec"]["selector"]["matchLabels"]:
+            problems.append(f"PDB {stage}: selector differs from the Deployment's")
+    for stage in STAGES:
+        rendered = any(component(p) == stage for p in of_kind(objects, "PodDisruptionBudget"))
+        if merged[stage]["pdb"]["enabled"] != rendered:
+            problems.append(f"{stage}: PodDisruptionBudget rendered iff pdb.enabled")
+    hpas = of_kind(objects, "HorizontalPodAutoscaler")
+    if merged["gateway"]["autoscaling"]["enabled"] != bool(hpas):
+        problems.append("gateway: HPA rendered iff gateway.autoscaling.enabled")
+    for hpa in hpas:
+        if hpa["spec"]["scaleTargetRef"]["name"] != deployments["gateway"]["metadata"]["name"]:
+            problems.append("HPA does not target the gateway Deployment")
+    scaled = {component(s): s for s in of_kind(objects, "ScaledObject")}
+    for stage in GPU_STAGES:
+        if merged[stage]["autoscaling"]["enabled"] != (stage in scaled):
+            problems.append(f"{stage}: ScaledObject rendered iff autoscaling.enabled")
+        if stage in scaled:
+            spec = scaled[stage]["spec"]
+            if spec["scaleTargetRef"]["name"] != deployments[stage]["metadata"]["name"]:
+                problems.append(f"{stage}: ScaledObject targets {spec['scaleTargetRef']['name']}")
+            trigger = spec["triggers"][0]
+            query = trigger["metadata"]["query"]
+            if trigger["type"] != "prometheus" or (
+                not merged[stage]["autoscaling"]["query"]
+                and not all(s in query for s in ("glmimage_requests_", f'stage="{stage}"', NAMESPACE))
+            ):
+                problems.append(f"{stage}: ScaledObject must query the stage's glmimage_requests_* gauges")
+    for kind in ("PodMonitor", "ServiceMonitor"):
+        for monitor in of_kind(objects, kind):
+            stage = component(monitor)
+            selector = deployments[stage]["spec"]["selector"]["matchLabels"]
+            if monitor["spec"]["selector"]["matchLabels"] != selector:
+                problems.append(f"{kind} {stage}: selector differs from the stage's selector")
+            endpoints = monitor["spec"].get("podMetricsEndpoints") or monitor["spec"].get("endpoints")
+            if endpoints[0]["port"] != "metrics":
+                problems.append(f"{kind} {stage}: must scrape the metrics port")
+        for stage in STAGES:
+            key = kind[0].lower() + kind[1:]
+            rendered = any(component(m) == stage for m in of_kind(objects, kind))
+            if merged[stage]["metrics"][key]["enabled"] != rendered:
+                problems.append(f"{stage}: {kind} rendered iff metrics.{key}.enabled")
+    for stage in STAGES:
+        if merged[stage]["metrics"]["serviceMonitor"]["enabled"]:
+            ports = [p["name"] for p in services[stage]["spec"]["ports"]]
+            if "metrics" not in ports:
+                problems.append(f"{stage}: its Service needs a metrics port for the ServiceMonitor")
+    return problems
+
+
+def strip_volatile(obj: Manifest) -> Manifest:
+    return {k: v for k, v in obj.items() if k != "_template"}
+
+
+def check_stage_isolation(base_values: dict) -> list[str]:
+    """Bumping one stage's image tag changes that stage's objects and nothing else."""
+    problems = []
+    before = {(o["kind"], o["metadata"]["name"]): strip_volatile(o) for o in render(base_values)}
+    for stage in STAGES:
+        bumped = deep_merge(base_values, {stage: {"image": {"tag": "9.9.9-upgrade"}}})
+        after = {(o["kind"], o["metadata"]["name"]): strip_volatile(o) for o in render(bumped)}
+        if set(before) != set(after):
+            problems.append(f"{stage}.image.tag changed the set of objects")
+            continue
+        changed = [key for key in before if before[key] != after[key]]
+        foreign = [key for key in changed if component(before[key]) != stage]
+        if foreign:
+            problems.append(f"{stage}.image.tag also changed {foreign}")
+        deployment = [k for k in changed if k[0] == "Deployment"]
+        if len(deployment) != 1:
+            problems.append(f"{stage}.image.tag did not change the {stage} Deployment")
+            continue
+        template_before = before[deployment[0]]["spec"]["template"]
+        template_after = after[deployment[0]]["spec"]["template"]
+        if main_container({"spec": {"template": template_after}})["image"].find("9.9.9-upgrade") < 0:
+            problems.append(f"{stage}: the new tag is not in the pod's image")
+        if template_after["metadata"]["labels"].get("app.kubernetes.io/version") != "9.9.9-upgrade":
+            problems.append(f"{stage}: the pods' app.kubernetes.io/version label does not follow the tag")
+        if template_before == template_after:
+            problems.append(f"{stage}: the pod template did not change")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the chart README's values table, generated from the `# --` comments of values.yaml
+
+
+def values_rows() -> list[tuple[str, str, str, str]]:
+    values = load_yaml(CHART / "values.yaml")
+    rows = []
+    stack: list[tuple[int, str]] = []
+    description: str | None = None
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        comment = re.match(r"^\s*# -- (.*)$", line)
+        if comment:
+            description = comment.group(1).strip()
+            continue
+        key_line = re.match(r"^(\s*)([A-Za-z0-9_./-]+):(\s|$)", line)
+        if not key_line:
+            if not line.strip().startswith("#") and line.strip() and not line.strip().startswith("-"):
+                description = None
+            continue
+        indent, key = len(key_line.group(1)), key_line.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        if description is None:
+            continue
+        path = [k for _, k in stack]
+        node: Any = values
+        for part in path:
+            node = node[part]
+        kind = {dict: "object", list: "list", bool: "bool", int: "int", float: "float", str: "string"}.get(
+            type(node), "string"
+        )
+        rows.append((".".join(path), kind, json.dumps(node, separators=(",", ":")), description))
+        description = None
+    return rows
+
+
+def values_table() -> str:
+    lines = ["| Key | Type | Default | Description |", "|-----|------|---------|-------------|"]
+    for key, kind, default, description in values_rows():
+        default = default.replace("|", "\\|")
+        description = description.replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind} | `{default}` | {description} |")
+    return "\n".join(lines)
+
+
+def readme_with_table() -> str:
+    readme = (CHART / "README.md").read_text()
+    start, end = readme.index(README_START), readme.index(README_END)
+    return readme[: start + len(README_START)] + "\n" + values_table() + "\n" + readme[end:]
+
+
+def check_readme() -> list[str]:
+    if readme_with_table() != (CHART / "README.md").read_text():
+        return ["the values table is stale: run `python scripts/check_chart.py --write-readme`"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write-readme", action="store_true", help="regenerate the README's values table")
+    options = parser.parse_args()
+    if options.write_readme:
+        (CHART / "README.md").write_text(readme_with_table())
+        print(f"wrote the values table of {CHART.relative_to(ROOT)}/README.md")
+        return 0
+
+    report = Report()
+    for stage in STAGES:
+        report.run(
+            f"docker/{stage}.Dockerfile: multi-stage, deps first, non-root, exec ENTRYPOINT, HEALTHCHECK",
+            lambda stage=stage: check_dockerfile(stage),
+        )
+    report.run(".dockerignore: allow-list", check_dockerignore)
+    report.run("docker/compose.yaml: GPUs 0/1, read-only weights, healthchecks, healthy deps", check_compose)
+
+    defaults = load_yaml(CHART / "values.yaml")
+    report.run("helm lint --strict (default values)", lambda: check_lint({}))
+    for example in EXAMPLES:
+        report.run(
+            f"helm lint --strict -f examples/{example.name}", lambda e=example: check_lint(load_yaml(e))
+        )
+    report.run("values.schema.json: valid draft-07; values.yaml and examples conform", check_schema_documents)
+    report.run(
+        f"values.schema.json rejects {len(SCHEMA_REJECTS)} bad value sets (tag latest, typos...)",
+        check_schema_rejects,
+    )
+    report.run(
+        f"render refuses {len(RENDER_REJECTS)} inconsistent value sets (grace, GPUs, storage, TLS)",
+        check_render_rejects,
+    )
+    for name, values in scenarios():
+        merged = deep_merge(defaults, values)
+        try:
+            objects = render(values)
+        except helm.HelmError as error:
+            report.check(f"[{name}] helm template", [str(error).strip()])
+            continue
+        report.check(f"[{name}] helm template", [])
+        versions = " and ".join(KUBE_VERSIONS)
+        report.run(
+            f"[{name}] Kubernetes {versions} API schemas (strict)",
+            lambda objects=objects: check_kubernetes_schemas(objects),
+        )
+        report.run(
+            f"[{name}] labels, selectors, probes, GPUs, services, autoscaling, monitors",
+            lambda objects=objects, merged=merged: check_objects(objects, merged),
+        )
+    report.run(
+        "upgrading one stage's image tag changes only that stage (defaults)",
+        lambda: check_stage_isolation({}),
+    )
+    for example in EXAMPLES:
+        report.run(
+            f"upgrading one stage's image tag changes only that stage (examples/{example.name})",
+            lambda e=example: check_stage_isolation(load_yaml(e)),
+        )
+    report.run("chart README values table matches values.yaml", check_readme)
+    print(f"check_chart: {report.passes} passed, {report.failures} failed")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
