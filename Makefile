@@ -24,7 +24,7 @@ lint: setup
 lint-deploy:
 	@scripts/lint_deploy.sh
 
-test: stubs tiny-model lint
+test: stubs tiny-model lint lint-deploy
 	@MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The three services on loopback (gateway 50050, planner 50051, decoder 50052) until Ctrl-C.

@@ -1,6 +1,7 @@
 """Container health check: exit 0 iff the service reports SERVING.
 
-python -m servekit.healthcheck [--address 127.0.0.1:50051] [--service NAME] [--timeout 3]
+    python -m servekit.healthcheck [--address 127.0.0.1:50051] [--service NAME] [--timeout 3]
+                                   [--tls-ca-file CA.pem --tls-server-name NAME]
 """
 
 import argparse
@@ -10,8 +11,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def check(address: str, service: str = "", timeout: float = 3.0, ca_file: str = "", server_name: str = "") -> bool:
+    if ca_file:
+        with open(ca_file, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+        # the probe dials 127.0.0.1, so name the certificate's host explicitly
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(address, credentials, options)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -24,10 +33,13 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--service", default="", help='health service name ("" = overall readiness)')
+    parser.add_argument("--service", default="", help='health service name ("" = readiness, "liveness")')
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--tls-ca-file", default="", help="PEM CA bundle: check over TLS")
+    parser.add_argument("--tls-server-name", default="", help="the name the server's certificate is issued to")
     args = parser.parse_args()
-    sys.exit(0 if check(args.address, args.service, args.timeout) else 1)
+    healthy = check(args.address, args.service, args.timeout, args.tls_ca_file, args.tls_server_name)
+    sys.exit(0 if healthy else 1)
 
 
 if __name__ == "__main__":
