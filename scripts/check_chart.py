@@ -211,9 +211,7 @@ def check_dockerfile(stage: str) -> list[str]:
         for instruction, args in instructions_of_stage:
             if instruction == "RUN" and "pip install -r" in args:
                 seen_install = True
-            if instruction == "COPY" and re.search(
-                r"\b(servekit|planner_service|decoder_service|gateway)/", args
-            ):
+            if instruction == "COPY" and re.search(r"\b(servekit|planner_service|decoder_service|gateway)/", args):
                 if not seen_install:
                     problems.append(f"source copied before the dependencies are installed: COPY {args}")
         if any(i == "COPY" and "pyproject.toml" in a for i, a in instructions_of_stage):
@@ -438,9 +436,7 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
         if any(pod["metadata"]["labels"].get(k) != v for k, v in selector.items()):
             problems.append(f"{stage}: pod labels do not match the selector")
         if "helm.sh/chart" in pod["metadata"]["labels"]:
-            problems.append(
-                f"{stage}: no chart version on pod labels (a chart bump would restart every stage)"
-            )
+            problems.append(f"{stage}: no chart version on pod labels (a chart bump would restart every stage)")
         if spec["strategy"]["type"] != "RollingUpdate":
             problems.append(f"{stage}: strategy must be RollingUpdate")
         autoscaled = merged[stage]["autoscaling"]["enabled"]
@@ -689,9 +685,7 @@ def check_readme() -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-readme", action="store_true", help="regenerate the README's values table")
     options = parser.parse_args()
     if options.write_readme:
@@ -711,9 +705,7 @@ def main() -> int:
     defaults = load_yaml(CHART / "values.yaml")
     report.run("helm lint --strict (default values)", lambda: check_lint({}))
     for example in EXAMPLES:
-        report.run(
-            f"helm lint --strict -f examples/{example.name}", lambda e=example: check_lint(load_yaml(e))
-        )
+        report.run(f"helm lint --strict -f examples/{example.name}", lambda e=example: check_lint(load_yaml(e)))
     report.run("values.schema.json: valid draft-07; values.yaml and examples conform", check_schema_documents)
     report.run(
         f"values.schema.json rejects {len(SCHEMA_REJECTS)} bad value sets (tag latest, typos...)",

@@ -1,7 +1,7 @@
 """Container health check: exit 0 iff the service reports SERVING.
 
-    python -m servekit.healthcheck [--address 127.0.0.1:50051] [--service NAME] [--timeout 3]
-                                   [--tls-ca-file CA.pem --tls-server-name NAME]
+python -m servekit.healthcheck [--address 127.0.0.1:50051] [--service NAME] [--timeout 3]
+                               [--tls-ca-file CA.pem --tls-server-name NAME]
 """
 
 import argparse
