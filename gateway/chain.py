@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from gateway import metrics
 from gateway.replicas import Replica, ReplicaPool
 from glmimage.v1 import common_pb2, decoder_pb2, image_service_pb2, planner_pb2
 from servekit.errors import ServiceError, Unavailable, UpstreamError
@@ -161,6 +162,7 @@ class Chain:
                 logger.warning("%s: planner %s failed (%s); retrying", self.request.request_id, replica.target,
                                error.code().name)  # fmt: skip
                 replica.mark_failed()
+                metrics.RETRIES.labels("planner").inc()
                 last = error
                 await self._restart_plan()
             finally:
@@ -241,6 +243,7 @@ class Chain:
                 logger.warning("%s: decoder %s failed (%s); replaying the plan elsewhere", self.request.request_id,
                                replica.target, error.code().name)  # fmt: skip
                 replica.mark_failed()
+                metrics.RETRIES.labels("decoder").inc()
                 last = error
             finally:
                 replica.outstanding -= 1
@@ -263,9 +266,11 @@ class Chain:
         t = completed.timings
         if self.first_token_at:
             t.first_plan_token_seconds = self.first_token_at - self.started
+            metrics.FIRST_PLAN_TOKEN_SECONDS.observe(t.first_plan_token_seconds)
         if self.plan_done_at:
             t.planning_seconds = self.plan_done_at - self.started
         t.total_seconds = time.perf_counter() - self.started
+        metrics.END_TO_END_SECONDS.observe(t.total_seconds)
         completed.request_id = self.request.request_id
         completed.planner_attempts = self.planners_used
         completed.decoder_attempts = self.decoders_used

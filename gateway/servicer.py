@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from gateway import metrics
 from gateway.chain import Chain, ResolvedRequest
 from gateway.replicas import ReplicaPool
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
@@ -66,6 +67,21 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         raise Unavailable("decoder: no replica is SERVING")
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        outcome = "cancelled"
+        try:
+            async for event in self._generate(request, context):
+                yield event
+            outcome = "completed"
+        except InvalidRequest:
+            outcome = "invalid"
+            raise
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            metrics.REQUESTS.labels(outcome).inc()
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         timeout = self.default_timeout_s if remaining is None or math.isinf(remaining) else remaining
         deadline = time.monotonic() + timeout
