@@ -26,7 +26,6 @@ RUN python protos/generate.py /src
 COPY pyproject.toml ./
 COPY servekit/ servekit/
 COPY decoder_service/ decoder_service/
-COPY tiny_glm_image/ tiny_glm_image/
 RUN pip install --no-deps --no-build-isolation /src \
     && pip uninstall -y grpcio-tools
 

@@ -30,7 +30,6 @@ RUN python protos/generate.py /src
 COPY pyproject.toml ./
 COPY servekit/ servekit/
 COPY planner_service/ planner_service/
-COPY tiny_glm_image/ tiny_glm_image/
 # A real (non-editable) install: it registers the `vllm.general_plugins` entry point, which is how
 # vLLM's engine-core and worker processes find the GLM-Image AR model. grpcio-tools is only needed
 # for the stubs, so it leaves the venv afterwards.
