@@ -46,10 +46,7 @@ def encode_image(image: Image.Image, image_format: ImageFormat, png_compress_lev
 
 
 def chunks(data: bytes, chunk_bytes: int) -> Iterator[bytes]:
-    """Consecutive pieces of at most `chunk_bytes` (one empty chunk for empty data)."""
-    if not data:
-        yield b""
-        return
+    """Consecutive pieces of at most `chunk_bytes`."""
     view = memoryview(data)
     for start in range(0, len(data), chunk_bytes):
         yield bytes(view[start : start + chunk_bytes])
