@@ -4,6 +4,7 @@ Service code raises these; it never calls context.abort itself. Anything else th
 handler is a bug: INTERNAL with a generic message, and the trace in the log.
 """
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -109,6 +110,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **serializers)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **serializers)
+        # A streaming handler is an async generator, or a coroutine that writes with context.write()
+        # (grpc's own health Watch): wrap each as what it is.
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **serializers)
-        return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **serializers)
+            wrap = _wrap_unary if inspect.iscoroutinefunction(handler.unary_stream) else _wrap_stream
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, method), **serializers)
+        wrap = _wrap_unary if inspect.iscoroutinefunction(handler.stream_stream) else _wrap_stream
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, method), **serializers)

@@ -1,0 +1,293 @@
+"""The decoder engine over diffusers' GlmImagePipeline, loaded without its AR model.
+
+`GlmImagePipeline.__call__` runs as one block; here its steps run as three calls, so that all but
+the denoising loop happen while the plan is still streaming in, with a progress callback and a
+cancellation check between steps. Each call uses the pipeline's own building blocks (encode_prompt,
+prepare_latents, the VAE, GlmImageKVCache, calculate_shift/retrieve_timesteps, the transformer, the
+scheduler, the image processor) in the order and dtypes `__call__` uses them, and the noise comes
+first from `torch.Generator("cpu").manual_seed(seed)`, so that the pixels are identical to
+`pipe(prompt=..., prior_token_ids=..., generator=...)` with the same plan and seed.
+
+Per-request state lives in `_Request` (its own scheduler copy, KV cache, generator), never on the
+pipeline object, whose `_guidance_scale` & co. belong to `__call__`.
+"""
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import GlmImagePipeline
+from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_latents, retrieve_timesteps
+
+from decoder_service.domain import ConditionPlan, DecodeJob
+from decoder_service.engine import DecodeCancelled, Decoded, DecoderEngine, EngineInfo
+from decoder_service.images import decode_condition_image
+from servekit.errors import InvalidRequest
+from servekit.plan_format import AR_FOLDER, plan_format
+from servekit.validation import SIZE_MULTIPLE
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_SEQUENCE_LENGTH = 2048  # __call__'s default for the glyph encoder
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+@dataclass
+class _Condition:
+    pixels: torch.Tensor  # the preprocessed image, on the device, in the pipeline dtype
+    latent: torch.Tensor  # its normalized VAE latent
+    patch_rows: int  # the DiT's patch grid of the latent
+    patch_cols: int
+
+
+@dataclass
+class _Request:
+    job: DecodeJob
+    generator: torch.Generator
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    latents: torch.Tensor
+    scheduler: object
+    timesteps: torch.Tensor
+    conditions: list[_Condition] = field(default_factory=list)
+    kv_caches: GlmImageKVCache | None = None
+
+
+class DiffusersEngine(DecoderEngine):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto", plan_format_override: str = ""):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        self._plan_format_override = plan_format_override
+        self.pipe: GlmImagePipeline | None = None
+        self._info: EngineInfo | None = None
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise RuntimeError("the engine is not loaded")
+        return self._info
+
+    def _plan_format(self) -> str:
+        if self._plan_format_override:
+            return self._plan_format_override
+        try:
+            return plan_format(self.model_dir)
+        except (OSError, KeyError) as error:
+            raise RuntimeError(
+                f"cannot compute the plan format from {self.model_dir / AR_FOLDER} ({error}); mount the AR "
+                "folder's codebook shard or pass --plan-format (the planner's GetServerInfo reports it)"
+            ) from error
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        fmt = self._plan_format()  # first: a missing codebook fails before the long load
+        pipe = GlmImagePipeline.from_pretrained(
+            self.model_dir, vision_language_encoder=None, processor=None, dtype=self.dtype
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        codebook = int(pipe.transformer.config.prior_vq_quantizer_codebook_size)
+        self._info = EngineInfo(model=str(self.model_dir), engine="diffusers", plan_format=fmt, codebook_size=codebook)
+        logger.info(
+            "loaded %s (decoder only) on %s as %s in %.1f s: plan_format %s, codebook %d",
+            self.model_dir, self.device, self.dtype, time.perf_counter() - started, fmt, codebook,
+        )  # fmt: skip
+
+    # -- prepare: everything the plan is not needed for ---------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, job: DecodeJob) -> _Request:
+        pipe, device = self.pipe, self.device
+        images = [decode_condition_image(data, index) for index, data in enumerate(job.condition_images)]
+
+        # __call__ step 4: condition images floored to a whole number of DiT patches
+        multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+        preprocessed = []
+        for index, image in enumerate(images):
+            height, width = (image.height // multiple) * multiple, (image.width // multiple) * multiple
+            if height < SIZE_MULTIPLE or width < SIZE_MULTIPLE:
+                raise InvalidRequest(
+                    f"condition_images[{index}] is {image.width}x{image.height} pixels; each side must be at least "
+                    f"{SIZE_MULTIPLE}"
+                )
+            preprocessed.append(pipe.image_processor.preprocess(image, height=height, width=width))
+
+        # step 5: glyph embeddings (and the empty ones of the unconditional branch)
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            job.prompt, job.guidance_scale > 1, num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH, device=device, dtype=pipe.dtype,
+        )  # fmt: skip
+
+        # step 6: the seeded noise (the generator's first draw), then the condition latents
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        latents = pipe.prepare_latents(
+            batch_size=1, num_channels_latents=pipe.transformer.config.in_channels, height=job.height,
+            width=job.width, dtype=prompt_embeds.dtype, device=device, generator=generator,
+        )  # fmt: skip
+        conditions = []
+        if preprocessed:
+            mean, std = self._latents_stats(prompt_embeds.dtype)
+            patch = pipe.transformer.config.patch_size
+            for pixels in preprocessed:
+                pixels = pixels.to(device=device, dtype=prompt_embeds.dtype)
+                latent = retrieve_latents(pipe.vae.encode(pixels), generator=generator, sample_mode="argmax")
+                latent = (latent - mean) / std
+                conditions.append(_Condition(pixels, latent, latent.shape[-2] // patch, latent.shape[-1] // patch))
+
+        # step 7: the timestep schedule, on a scheduler of this request's own
+        scheduler = copy.deepcopy(pipe.scheduler)
+        image_seq_len = ((job.height // pipe.vae_scale_factor) * (job.width // pipe.vae_scale_factor)) // (
+            pipe.transformer.config.patch_size**2
+        )
+        timesteps = np.linspace(scheduler.config.num_train_timesteps, 1.0, job.steps + 1)[:-1]
+        timesteps = timesteps.astype(np.int64).astype(np.float32)
+        sigmas = timesteps / scheduler.config.num_train_timesteps
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("base_shift", 0.25),
+            scheduler.config.get("max_shift", 0.75),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, job.steps, device, timesteps, sigmas, mu=mu)
+        return _Request(
+            job=job, generator=generator, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            latents=latents, scheduler=scheduler, timesteps=timesteps, conditions=conditions,
+        )  # fmt: skip
+
+    def _latents_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        shape = (1, config.latent_channels, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(device=self.device, dtype=dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(device=self.device, dtype=dtype)
+        return mean, std
+
+    # -- the i2i reference KV cache, once the plan header has the condition grids --------------
+
+    @torch.no_grad()
+    def add_conditions(self, request: _Request, plans: Sequence[ConditionPlan]) -> None:
+        pipe, device = self.pipe, self.device
+        if len(plans) != len(request.conditions):
+            raise InvalidRequest(f"the plan has {len(plans)} condition grids for {len(request.conditions)} images")
+        for index, (condition, plan) in enumerate(zip(request.conditions, plans, strict=True)):
+            if (2 * plan.rows, 2 * plan.cols) != (condition.patch_rows, condition.patch_cols):
+                height, width = condition.pixels.shape[-2:]
+                raise InvalidRequest(
+                    f"the plan's condition_images[{index}] grid is {plan.rows}x{plan.cols} (rows x cols, 32 px cells) "
+                    f"but the image, floored to {width}x{height} pixels, needs "
+                    f"{condition.patch_rows / 2:g}x{condition.patch_cols / 2:g}: the planner and the decoder must "
+                    "see the same image"
+                )
+        kv_caches = GlmImageKVCache(num_layers=pipe.transformer.config.num_layers)
+        kv_caches.set_mode("write")
+        embeds = request.prompt_embeds
+        for condition, plan in zip(request.conditions, plans, strict=True):
+            prior = self._upsample(plan.ids, plan.rows, plan.cols)[0]
+            pipe.transformer(
+                hidden_states=condition.latent,
+                encoder_hidden_states=torch.zeros_like(embeds)[:1, :0, ...],
+                prior_token_id=prior,
+                prior_token_drop=torch.full_like(prior, False, dtype=torch.bool),
+                timestep=torch.zeros((1,), device=device),
+                target_size=torch.tensor([condition.pixels.shape[-2:]], device=device),
+                crop_coords=torch.zeros((1, 2), device=device),
+                attention_kwargs=None,
+                kv_caches=kv_caches,
+            )
+        kv_caches.next_sample()
+        request.kv_caches = kv_caches
+
+    def _upsample(self, ids: Sequence[int], rows: int, cols: int) -> torch.Tensor:
+        """d32 grid -> the DiT's d16 patch grid (nearest, as the pipeline does), shape (1, 4*rows*cols)."""
+        return self.pipe._upsample_token_ids(torch.tensor(ids, dtype=torch.long), rows, cols).to(self.device)
+
+    # -- denoise and VAE-decode, once the plan is complete --------------------------------------
+
+    @torch.no_grad()
+    def decode(
+        self,
+        request: _Request,
+        target_ids: Sequence[int],
+        on_step: Callable[[int, int], None],
+        is_cancelled: Callable[[], bool],
+    ) -> Decoded:
+        pipe, device, job = self.pipe, self.device, request.job
+        started = time.perf_counter()
+        prior_token_ids = self._upsample(target_ids, job.height // SIZE_MULTIPLE, job.width // SIZE_MULTIPLE)
+        embeds = request.prompt_embeds
+        target_size = torch.tensor([(job.height, job.width)], dtype=embeds.dtype, device=device)
+        crop_coords = torch.tensor([(0, 0)], dtype=embeds.dtype, device=device)
+        do_cfg = job.guidance_scale > 1
+        with_conditions = bool(request.conditions)
+        kv_caches = request.kv_caches
+        if kv_caches is None:
+            if with_conditions:
+                raise RuntimeError("decode() of an image-to-image request before add_conditions()")
+            kv_caches = GlmImageKVCache(num_layers=pipe.transformer.config.num_layers)
+        transformer_dtype = pipe.transformer.dtype
+        drop_cond = torch.full_like(prior_token_ids, False, dtype=torch.bool)
+        drop_uncond = torch.full_like(prior_token_ids, True, dtype=torch.bool)
+        latents, scheduler, timesteps = request.latents, request.scheduler, request.timesteps
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if is_cancelled():
+                raise DecodeCancelled(i, total)
+            latent_model_input = latents.to(transformer_dtype)
+            timestep = t.expand(latents.shape[0]) - 1
+            if with_conditions:
+                kv_caches.set_mode("read")
+            noise_pred_cond = pipe.transformer(
+                hidden_states=latent_model_input, encoder_hidden_states=embeds, prior_token_id=prior_token_ids,
+                prior_token_drop=drop_cond, timestep=timestep, target_size=target_size, crop_coords=crop_coords,
+                attention_kwargs=None, return_dict=False, kv_caches=kv_caches,
+            )[0].float()  # fmt: skip
+            if do_cfg:
+                if with_conditions:
+                    kv_caches.set_mode("skip")
+                noise_pred_uncond = pipe.transformer(
+                    hidden_states=latent_model_input, encoder_hidden_states=request.negative_prompt_embeds,
+                    prior_token_id=prior_token_ids, prior_token_drop=drop_uncond, timestep=timestep,
+                    target_size=target_size, crop_coords=crop_coords, attention_kwargs=None, return_dict=False,
+                    kv_caches=kv_caches,
+                )[0].float()  # fmt: skip
+                noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+            else:
+                noise_pred = noise_pred_cond
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if latents.is_cuda:
+                torch.cuda.synchronize(latents.device)  # so that progress and step times are real
+            on_step(i + 1, total)
+        kv_caches.clear()
+        denoised = time.perf_counter()
+
+        vae = pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = self._latents_stats(latents.dtype)
+        latents = latents * std + mean
+        image = vae.decode(latents, return_dict=False, generator=request.generator)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return Decoded(
+            image=image, denoising_seconds=denoised - started, vae_decode_seconds=time.perf_counter() - denoised
+        )
+
+    def release(self, request: _Request) -> None:
+        if request is not None and request.kv_caches is not None:
+            request.kv_caches.clear()
+            request.kv_caches = None
+
+    def close(self) -> None:
+        self.pipe = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,66 @@
+"""The decoder's settings: every field is a `--flag` and a `DECODER_*` environment variable."""
+
+from dataclasses import dataclass
+
+from servekit.settings import option
+from servekit.validation import Limits
+
+ENV_PREFIX = "DECODER"
+MAX_CHUNK_BYTES = 1024 * 1024  # the contract: image chunks are at most 1 MiB
+
+
+@dataclass
+class DecoderSettings:
+    model: str = option(
+        "", "checkpoint directory in the zai-org/GLM-Image layout; empty: build and serve the tiny random model"
+    )
+    host: str = option("0.0.0.0", "address to bind")
+    port: int = option(50052, "gRPC port (0: any free port)")
+    metrics_port: int = option(9092, "Prometheus /metrics port (0: none)")
+    device: str = option("cpu", "torch device: cpu, cuda or cuda:N")
+    dtype: str = option(
+        "auto", "weights and activations dtype; auto: float32 on cpu, bfloat16 on cuda",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )  # fmt: skip
+    plan_format: str = option(
+        "", "plan format this decoder accepts; empty: computed from the checkpoint's AR codebook "
+        "(set it, to the planner's GetServerInfo value, when the AR folder is not mounted)",
+    )  # fmt: skip
+    max_concurrent_decodes: int = option(1, "decodes in flight per model instance (each in its own worker thread)")
+    max_queued: int = option(8, "decodes waiting for a slot; beyond this RESOURCE_EXHAUSTED")
+    default_steps: int = option(50, "denoising steps when a request leaves them unset")
+    default_guidance_scale: float = option(1.5, "CFG scale when a request leaves it unset")
+    min_side: int = option(512, "smallest width/height in pixels (multiple of 32)")
+    max_side: int = option(2048, "largest width/height in pixels (multiple of 32)")
+    max_steps: int = option(100, "most denoising steps a request may ask for")
+    chunk_bytes: int = option(MAX_CHUNK_BYTES, "size of the image chunks streamed back (at most 1 MiB)")
+    png_compress_level: int = option(1, "zlib level of PNG output, 0-9 (higher: smaller files, slower)")
+    warm_up: bool = option(True, "run one minimal decode before reporting SERVING")
+    shutdown_grace_seconds: float = option(30.0, "seconds in-flight decodes may finish after SIGTERM")
+    tls_cert_file: str = option("", "PEM certificate chain; set with --tls-key-file to serve TLS")
+    tls_key_file: str = option("", "PEM private key")
+    log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> None:
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_concurrent_decodes < 1:
+            raise ValueError("--max-concurrent-decodes must be >= 1")
+        if self.max_queued < 0:
+            raise ValueError("--max-queued must be >= 0")
+        if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"--chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError("--png-compress-level must be between 0 and 9")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("--shutdown-grace-seconds must be >= 0")
+        limits = self.limits()  # raises on bad sides/steps
+        if not limits.min_steps <= self.default_steps <= limits.max_steps:
+            raise ValueError(f"--default-steps must be between 1 and --max-steps ({limits.max_steps})")
+        if not 0 <= self.default_guidance_scale <= limits.max_guidance_scale:
+            raise ValueError(f"--default-guidance-scale must be between 0 and {limits.max_guidance_scale}")
+
+    def limits(self) -> Limits:
+        return Limits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)

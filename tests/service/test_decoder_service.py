@@ -1,0 +1,441 @@
+"""The decoder service: a real server on a loopback port with the real tiny model, against plain
+diffusers `GlmImagePipeline(...)` calls on the same checkpoint."""
+
+import hashlib
+import io
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from decoder_service.app import make_service
+from decoder_service.settings import DecoderSettings
+from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
+from tests.servers import SERVING, ServerThread, health_status
+
+pytestmark = pytest.mark.service
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "a shop sign that says 'OPEN' and “24h”"
+CHUNK_BYTES = 64 * 1024
+LONG = 500  # steps: seconds of denoising, for calls that are stopped early
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    settings = DecoderSettings(
+        model=str(model_dir), port=0, metrics_port=0, min_side=256, max_side=512, default_steps=2,
+        max_steps=LONG, max_concurrent_decodes=1, max_queued=1, chunk_bytes=CHUNK_BYTES,
+    )  # fmt: skip
+    with ServerThread(lambda: make_service(settings)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield decoder_pb2_grpc.DecoderServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def info(stub):
+    return stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from testkit.reference import load_pipeline
+
+    return load_pipeline(model_dir)
+
+
+# -- building requests as the gateway forwards them -------------------------------------------------
+
+
+def spec(width=256, height=256, seed=7, steps=2, images=(), **fields) -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(
+        spec=decoder_pb2.DecodeSpec(
+            prompt=fields.pop("prompt", PROMPT), width=width, height=height, seed=seed, num_inference_steps=steps,
+            condition_images=[common_pb2.InputImage(data=data) for data in images], **fields,
+        )
+    )  # fmt: skip
+
+
+def header(info, width=256, height=256, conditions=(), **fields) -> decoder_pb2.DecodeRequest:
+    values = dict(
+        request_id="plan-1", target_rows=height // 32, target_cols=width // 32, preview_rows=4, preview_cols=4,
+        codebook_size=info.codebook_size, plan_format=info.plan_format, seed=7, width=width, height=height,
+        condition_images=[planner_pb2.ConditionImagePlan(rows=r, cols=c, ids=ids) for r, c, ids in conditions],
+    )  # fmt: skip
+    values.update(fields)
+    return decoder_pb2.DecodeRequest(plan_chunk=planner_pb2.PlanChunk(header=planner_pb2.PlanHeader(**values)))
+
+
+def tokens(offset, ids, grid=planner_pb2.GRID_TARGET) -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(
+        plan_chunk=planner_pb2.PlanChunk(tokens=planner_pb2.PlanTokens(grid=grid, offset=offset, ids=ids))
+    )
+
+
+def summary() -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(
+        plan_chunk=planner_pb2.PlanChunk(
+            summary=planner_pb2.PlanSummary(finish_reason=planner_pb2.FINISH_REASON_COMPLETE)
+        )
+    )
+
+
+def plan_stream(info, ids, width=256, height=256, conditions=(), chunk=24) -> list:
+    """What a planner streams: header, the 4x4 preview, the target grid in chunks, the summary."""
+    items = [header(info, width, height, conditions), tokens(0, list(range(16)), planner_pb2.GRID_PREVIEW)]
+    items += [tokens(start, ids[start : start + chunk]) for start in range(0, len(ids), chunk)]
+    return [*items, summary()]
+
+
+def random_ids(width, height, seed=0, codebook=64) -> list[int]:
+    return np.random.RandomState(seed).randint(0, codebook, (height // 32) * (width // 32)).tolist()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Result:
+    def __init__(self, events):
+        self.events = events
+        self.kinds = [event.WhichOneof("event") for event in events]
+        self.progress = [event.progress for event in events if event.HasField("progress")]
+        self.chunks = [event.image_chunk.data for event in events if event.HasField("image_chunk")]
+        self.data = b"".join(self.chunks)
+        self.completed = events[-1].completed
+
+    def pixels(self) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(self.data)).convert("RGB"))
+
+
+def decode(stub, requests, timeout=60) -> Result:
+    return Result(list(stub.Decode(iter(requests), timeout=timeout)))
+
+
+class OpenDecode:
+    """A Decode call whose requests are sent one by one, its events read in a thread."""
+
+    def __init__(self, stub, timeout=60):
+        self._requests: queue.Queue = queue.Queue()
+        self.call = stub.Decode(iter(self._requests.get, None), timeout=timeout)
+        self.events: queue.Queue = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        try:
+            for event in self.call:
+                self.events.put(event)
+        except grpc.RpcError as error:
+            self.error = error
+        self.events.put(None)
+
+    def send(self, *requests):
+        for request in requests:
+            self._requests.put(request)
+
+    def close_requests(self):
+        self._requests.put(None)
+
+    def next_event(self, timeout=30):
+        return self.events.get(timeout=timeout)
+
+    def finish(self, timeout=60) -> list:
+        events = []
+        while (event := self.events.get(timeout=timeout)) is not None:
+            events.append(event)
+        self._thread.join(5)
+        return events
+
+
+def pixels_of(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+# -- server info ---------------------------------------------------------------------------------
+
+
+def test_server_info(info, model_dir):
+    from servekit.plan_format import plan_format
+
+    assert info.role == common_pb2.SERVICE_ROLE_DECODER
+    assert info.plan_format == plan_format(model_dir)
+    assert info.codebook_size == 64
+    assert info.engine == "diffusers"
+    assert (info.limits.min_side, info.limits.max_side, info.limits.size_multiple) == (256, 512, 32)
+    assert info.default_num_inference_steps == 2 and info.default_guidance_scale == pytest.approx(1.5)
+
+
+# -- pixel parity with diffusers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height", "steps"), [(256, 256, 2), (256, 256, 4), (512, 256, 3)])
+def test_text_to_image_pixels_equal_diffusers(stub, info, pipe, width, height, steps):
+    from testkit.reference import render
+
+    ids = random_ids(width, height, seed=steps)
+    result = decode(stub, [spec(width, height, seed=11, steps=steps), *plan_stream(info, ids, width, height)])
+    expected = render(pipe, PROMPT, width, height, seed=11, steps=steps, target_ids=ids)
+    assert result.pixels().shape == (height, width, 3)
+    np.testing.assert_array_equal(result.pixels(), pixels_of(expected))
+
+
+def test_image_to_image_pixels_equal_diffusers(stub, info, pipe):
+    """A real i2i plan from diffusers' own AR stage; a condition image of another size and shape."""
+    from testkit.reference import render, sampled_target_grid
+
+    condition = Image.fromarray(np.random.RandomState(3).randint(0, 256, (192, 320, 3), dtype=np.uint8))
+    prompt = "make the sign say 'CLOSED'"
+    ids, condition_ids = sampled_target_grid(pipe, prompt, 256, 256, seed=5, images=[condition])
+    assert len(condition_ids[0]) == 6 * 10
+    requests = [
+        spec(seed=5, steps=3, images=[png_bytes(condition)], prompt=prompt),
+        *plan_stream(info, ids, conditions=[(6, 10, condition_ids[0])]),
+    ]
+    result = decode(stub, requests)
+    expected = render(
+        pipe, prompt, 256, 256, seed=5, steps=3, target_ids=ids, images=[condition], condition_ids=condition_ids
+    )
+    np.testing.assert_array_equal(result.pixels(), pixels_of(expected))
+    # the condition image really takes part: without it, the same plan and seed decode differently
+    text_only = render(pipe, prompt, 256, 256, seed=5, steps=3, target_ids=ids)
+    assert not np.array_equal(result.pixels(), pixels_of(text_only))
+
+
+# -- the event stream ----------------------------------------------------------------------------
+
+
+def test_progress_chunks_and_completed(stub, info):
+    ids = random_ids(256, 256, seed=1)
+    result = decode(stub, [spec(steps=3, request_id="req-42"), *plan_stream(info, ids)])
+    # one progress per step, in order, all before the image; then the chunks; then completed
+    assert [(p.stage, p.done, p.total) for p in result.progress] == [
+        (common_pb2.STAGE_DECODING, i, 3) for i in (1, 2, 3)
+    ]
+    assert result.kinds == ["progress"] * 3 + ["image_chunk"] * len(result.chunks) + ["completed"]
+    assert len(result.chunks) > 1 and all(0 < len(chunk) <= CHUNK_BYTES for chunk in result.chunks)
+    done = result.completed
+    assert done.sha256 == hashlib.sha256(result.data).hexdigest()
+    assert done.size_bytes == len(result.data)
+    assert (done.width, done.height, done.seed, done.format) == (256, 256, 7, common_pb2.IMAGE_FORMAT_PNG)
+    assert done.plan_tokens == 64 and done.request_id == "req-42" and done.decoder_attempts == 1
+    t = done.timings
+    assert t.decoder_prepare_seconds > 0 and t.denoising_seconds > 0 and t.vae_decode_seconds > 0
+    assert t.encode_seconds > 0 and t.total_seconds >= t.denoising_seconds + t.vae_decode_seconds
+
+
+def test_default_steps_and_request_id_from_metadata(stub, info):
+    request = spec()
+    request.spec.ClearField("num_inference_steps")
+    events = list(
+        stub.Decode(iter([request, *plan_stream(info, random_ids(256, 256))]), metadata=[("x-request-id", "meta-1")])
+    )
+    result = Result(events)
+    assert len(result.progress) == 2  # the server's default
+    assert result.completed.request_id == "meta-1"
+
+
+@pytest.mark.parametrize(
+    ("output_format", "pil_format"), [(common_pb2.IMAGE_FORMAT_JPEG, "JPEG"), (common_pb2.IMAGE_FORMAT_WEBP, "WEBP")]
+)
+def test_jpeg_and_webp(stub, info, output_format, pil_format):
+    result = decode(stub, [spec(output_format=output_format), *plan_stream(info, random_ids(256, 256))])
+    assert result.completed.format == output_format
+    assert result.completed.sha256 == hashlib.sha256(result.data).hexdigest()
+    with Image.open(io.BytesIO(result.data)) as image:
+        assert image.format == pil_format and image.size == (256, 256)
+
+
+# -- bad specs and plans: clear errors, and the service stays healthy ----------------------------
+
+CONDITION = png_bytes(Image.new("RGB", (320, 192), (200, 30, 30)))
+IDS = list(range(64))
+
+
+def _bad_cases(info):
+    ok_plan = plan_stream(info, IDS)
+    return {
+        "empty stream": ([], "starts with a spec"),
+        "missing spec": (ok_plan, "starts with a spec"),
+        "second spec": ([spec(), spec(), *ok_plan], "one spec, first"),
+        "chunk before header": ([spec(), tokens(0, IDS), header(info)], "starts with its header"),
+        "empty plan chunk": ([spec(), decoder_pb2.DecodeRequest(plan_chunk=planner_pb2.PlanChunk())], "empty one"),
+        "gap": ([spec(), header(info), tokens(0, IDS[:10]), tokens(12, IDS[12:])], "leave a gap"),
+        "overlap": ([spec(), header(info), tokens(0, IDS[:10]), tokens(8, IDS[8:])], "leave an overlap"),
+        "too few ids": ([spec(), header(info), tokens(0, IDS[:63]), summary()], "got 63 of 64 target ids"),
+        "too many ids": ([spec(), header(info), tokens(0, [*IDS, 1])], "too many target ids"),
+        "ids after the plan": (
+            [spec(steps=LONG), header(info), tokens(0, IDS), tokens(64, [1])],
+            "too many target ids",
+        ),
+        "id out of range": ([spec(), header(info), tokens(0, [*IDS[:5], 64, *IDS[6:]])], "target id 64 at offset 5"),
+        "no header": ([spec()], "before the plan header arrived"),
+        "header only": ([spec(), header(info)], "got 0 of 64 target ids"),
+        "second header": ([spec(), header(info), header(info)], "second header"),
+        "grid of another size": ([spec(), header(info, width=512), *ok_plan[1:]], "target grid is 8x16"),
+        "no target grid named": ([spec(), header(info), tokens(0, IDS, grid=0)], "must name their grid"),
+        "width too small": ([spec(width=128), *ok_plan], "width must be a multiple of 32 between 256 and 512"),
+        "height not a multiple": ([spec(height=250), *ok_plan], "height must be a multiple of 32"),
+        "too many steps": ([spec(steps=LONG + 1), *ok_plan], f"num_inference_steps must be between 1 and {LONG}"),
+        "zero steps": ([spec(steps=0), *ok_plan], f"num_inference_steps must be between 1 and {LONG}"),
+        "negative guidance": ([spec(guidance_scale=-1), *ok_plan], "guidance_scale"),
+        "empty prompt": ([spec(prompt=" "), *ok_plan], "prompt must not be empty"),
+        "unknown output format": ([spec(output_format=9), *ok_plan], "output_format 9"),
+        "undecodable image": (
+            [spec(images=[b"\x89PNG not really"]), header(info, conditions=[(6, 10, [0] * 60)]), tokens(0, IDS)],
+            r"condition_images\[0\] could not be decoded",
+        ),
+        "empty image": ([spec(images=[b""]), *ok_plan], r"condition_images\[0\] is empty"),
+        "condition count": ([spec(images=[CONDITION]), *ok_plan], "made with 0 condition images but the spec has 1"),
+        "condition grid": (
+            [spec(images=[CONDITION]), header(info, conditions=[(8, 8, [0] * 64)]), tokens(0, IDS)],
+            r"condition_images\[0\] grid is 8x8 .* needs 6x10",
+        ),
+        "condition ids short": (
+            [spec(images=[CONDITION]), header(info, conditions=[(6, 10, [0] * 59)]), tokens(0, IDS)],
+            "has 59 ids for a 6x10 grid",
+        ),
+    }
+
+
+BAD_CASES = list(_bad_cases(common_pb2.ServerInfo(plan_format="x", codebook_size=64)))
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_requests_are_invalid_argument(stub, info, server, case):
+    requests, message = _bad_cases(info)[case]
+    with pytest.raises(grpc.RpcError) as caught:
+        decode(stub, requests, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert re.search(message, caught.value.details()), caught.value.details()
+    assert health_status(server.address) == SERVING
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"plan_format": "glm-image/vq64/0000000000000000"}, "plan_format 'glm-image/vq64/0000000000000000' is not"),
+        ({"codebook_size": 16384}, "codebook_size 16384 is not this decoder's 64"),
+    ],
+)
+def test_plan_of_another_codebook_is_failed_precondition(stub, info, server, fields, message):
+    with pytest.raises(grpc.RpcError) as caught:
+        decode(stub, [spec(), header(info, **fields), tokens(0, IDS)])
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert message in caught.value.details()
+    assert health_status(server.address) == SERVING
+
+
+def test_still_decodes_after_bad_requests(stub, info, server):
+    result = decode(stub, [spec(), *plan_stream(info, IDS)])
+    assert result.completed.plan_tokens == 64
+    assert health_status(server.address) == SERVING
+
+
+# -- admission, cancellation, deadlines ----------------------------------------------------------
+
+
+def test_beyond_the_queue_is_resource_exhausted(stub, info):
+    """One decode in flight (max 1) and one queued (max 1): the third is refused at once."""
+    running, queued = OpenDecode(stub), OpenDecode(stub)
+    running.send(spec(), header(info))  # holds the slot: its plan never completes
+    time.sleep(0.3)
+    queued.send(spec())
+    time.sleep(0.3)
+    with pytest.raises(grpc.RpcError) as caught:
+        decode(stub, [spec(), *plan_stream(info, IDS)], timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at capacity" in caught.value.details()
+    running.call.cancel()
+    queued.send(*plan_stream(info, IDS))
+    queued.close_requests()
+    events = queued.finish()
+    assert events[-1].HasField("completed")  # the queued one ran once the slot was freed
+
+
+def test_cancel_mid_denoise_frees_the_slot_within_a_step(stub, info):
+    call = OpenDecode(stub)
+    call.send(spec(steps=LONG), *plan_stream(info, IDS))
+    call.close_requests()
+    first, second = call.next_event(), call.next_event()
+    assert (first.progress.done, second.progress.done) == (1, 2)
+    call.call.cancel()
+    started = time.perf_counter()
+    result = decode(stub, [spec(steps=2), *plan_stream(info, IDS)])
+    elapsed = time.perf_counter() - started
+    # hundreds of steps were left (seconds of work); the next call waited at most for the step in progress
+    assert result.completed.timings.queue_seconds < 1.0, result.completed.timings
+    assert elapsed < 5.0
+    events = call.finish()
+    assert call.error is not None and call.error.code() == grpc.StatusCode.CANCELLED
+    assert len([e for e in events if e.HasField("progress")]) < LONG - 2
+
+
+def test_deadline_stops_the_decode(stub, info, server):
+    with pytest.raises(grpc.RpcError) as caught:
+        decode(stub, [spec(steps=LONG), *plan_stream(info, IDS)], timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    result = decode(stub, [spec(steps=2), *plan_stream(info, IDS)])
+    assert result.completed.timings.queue_seconds < 1.0
+    assert health_status(server.address) == SERVING
+
+
+# -- the process: flags, SIGTERM drain, exit 0 ---------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_decode_and_exits_0(model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DECODER_MIN_SIDE": "256", "DECODER_MAX_SIDE": "256"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "decoder_service", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--shutdown-grace-seconds", "30"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = None
+        for line in process.stderr:
+            if match := re.search(r"ready: .* on port (\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port, "the server did not report ready"
+        lines = threading.Thread(target=process.stderr.read, daemon=True)  # keep the pipe drained
+        lines.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+            info = stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=10)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            call = OpenDecode(stub)
+            call.send(spec(steps=12), *plan_stream(info, IDS))
+            call.close_requests()
+            assert call.next_event().progress.done == 1
+            process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            events = call.finish()
+            assert call.error is None
+            assert [e.progress.done for e in events if e.HasField("progress")][-1] == 12
+            assert events[-1].HasField("completed")
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,280 @@
+"""DecodeRunner with a scripted engine: overlap with the plan stream, failing fast, cancellation,
+deadlines, and the slot freed only once the worker has left the engine."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from decoder_service.domain import (
+    Completed,
+    ConditionPlan,
+    DecodeJob,
+    Grid,
+    ImageChunk,
+    PlanHeader,
+    PlanTokens,
+    Progress,
+)
+from decoder_service.engine import DecodeCancelled, Decoded, DecoderEngine, EngineInfo
+from decoder_service.runner import DecodeRunner, RunnerOptions
+from servekit.errors import DeadlineExceeded, InvalidRequest, NotReady
+
+pytestmark = pytest.mark.unit
+
+FORMAT = "glm-image/vq64/test"
+SIDE = 64  # a 2x2 grid
+
+
+class ScriptedEngine(DecoderEngine):
+    def __init__(self, step_seconds=0.0, fail_prepare=None):
+        self.step_seconds = step_seconds
+        self.fail_prepare = fail_prepare
+        self.calls: list[str] = []
+        self.prepared = threading.Event()
+        self.conditioned = threading.Event()
+        self.in_engine = threading.Lock()
+        self.steps_run = 0
+
+    @property
+    def info(self):
+        return EngineInfo(model="scripted", engine="scripted", plan_format=FORMAT, codebook_size=64)
+
+    def load(self):
+        self.calls.append("load")
+
+    def prepare(self, job):
+        self.calls.append("prepare")
+        if self.fail_prepare:
+            raise self.fail_prepare
+        self.prepared.set()
+        return job
+
+    def add_conditions(self, job, conditions):
+        self.calls.append(f"add_conditions:{len(conditions)}")
+        self.conditioned.set()
+
+    def decode(self, job, target_ids, on_step, is_cancelled):
+        self.calls.append(f"decode:{len(target_ids)}")
+        with self.in_engine:
+            for i in range(job.steps):
+                if is_cancelled():
+                    self.calls.append(f"cancelled:{i}")
+                    raise DecodeCancelled(i, job.steps)
+                time.sleep(self.step_seconds)
+                self.steps_run += 1
+                on_step(i + 1, job.steps)
+        return Decoded(
+            image=Image.new("RGB", (job.width, job.height), (1, 2, 3)), denoising_seconds=0.1, vae_decode_seconds=0.01
+        )
+
+    def release(self, job):
+        self.calls.append("release")
+
+
+def job(steps=3, images=()) -> DecodeJob:
+    return DecodeJob(
+        request_id="r1", prompt="p", width=SIDE, height=SIDE, seed=1, steps=steps, guidance_scale=1.5,
+        condition_images=tuple(images),
+    )  # fmt: skip
+
+
+def header(conditions=()) -> PlanHeader:
+    return PlanHeader(
+        request_id="r1", target_rows=2, target_cols=2, preview_rows=0, preview_cols=0, codebook_size=64,
+        plan_format=FORMAT, seed=1, width=SIDE, height=SIDE, conditions=tuple(conditions),
+    )  # fmt: skip
+
+
+def target(offset=0, ids=(1, 2, 3, 4)) -> PlanTokens:
+    return PlanTokens(Grid.TARGET, offset, tuple(ids))
+
+
+async def started_runner(engine, **options) -> DecodeRunner:
+    runner = DecodeRunner(engine, RunnerOptions(warm_up=False, chunk_bytes=100, **options))
+    await runner.start()
+    return runner
+
+
+async def collect(runner, decode_job, items, time_remaining=None) -> list:
+    return [event async for event in runner.decode(decode_job, items, time_remaining)]
+
+
+async def wait_for(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 5.0), "timed out"
+
+
+def run(coroutine, timeout=20):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def test_prepare_runs_while_the_plan_is_still_streaming():
+    engine = ScriptedEngine()
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header()
+            await wait_for(engine.prepared)  # the plan is incomplete: prepare must already run
+            engine.calls.append("last chunk")
+            yield target()
+
+        events = await collect(runner, job(), items())
+        await runner.stop()
+        return events
+
+    events = run(main())
+    assert engine.calls == ["load", "prepare", "last chunk", "decode:4", "release"]
+    assert [e for e in events if isinstance(e, Progress)] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
+    chunks = [e for e in events if isinstance(e, ImageChunk)]
+    assert len(chunks) > 1 and all(len(c.data) <= 100 for c in chunks)
+    completed = events[-1]
+    assert isinstance(completed, Completed) and completed.plan_tokens == 4
+    assert completed.size_bytes == sum(len(c.data) for c in chunks)
+
+
+def test_reference_kv_cache_is_built_when_the_header_arrives():
+    engine = ScriptedEngine()
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header([ConditionPlan(1, 1, (5,))])
+            await wait_for(engine.conditioned)
+            engine.calls.append("last chunk")
+            yield target()
+
+        await collect(runner, job(images=[b"img"]), items())
+
+    run(main())
+    assert engine.calls[1:] == ["prepare", "add_conditions:1", "last chunk", "decode:4", "release"]
+
+
+def test_a_failed_prepare_ends_the_call_before_the_plan_is_complete():
+    engine = ScriptedEngine(fail_prepare=InvalidRequest("condition_images[0] could not be decoded"))
+    never = asyncio.Event()
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header()
+            await never.wait()  # the planner is still writing
+            yield target()
+
+        with pytest.raises(InvalidRequest, match="could not be decoded"):
+            await collect(runner, job(), items())
+        assert runner.admission.in_flight == 0
+
+    run(main())
+
+
+def test_stream_closed_early_is_invalid():
+    async def main():
+        runner = await started_runner(ScriptedEngine())
+
+        async def items():
+            yield header()
+            yield target(ids=(1, 2))
+
+        with pytest.raises(InvalidRequest, match="got 2 of 4 target ids"):
+            await collect(runner, job(), items())
+
+    run(main())
+
+
+def test_a_bad_chunk_while_denoising_stops_the_decode():
+    engine = ScriptedEngine(step_seconds=0.01)
+
+    async def main():
+        runner = await started_runner(engine)
+        first_step = asyncio.Event()
+
+        async def items():
+            yield header()
+            yield target()
+            await first_step.wait()
+            yield target(offset=4, ids=(1,))
+
+        events = []
+        with pytest.raises(InvalidRequest, match="too many target ids"):
+            async for event in runner.decode(job(steps=1000), items()):
+                events.append(event)
+                first_step.set()
+        return events
+
+    events = run(main())
+    assert 0 < len(events) < 1000 and engine.steps_run < 1000
+    assert engine.calls[-2].startswith("cancelled:") and engine.calls[-1] == "release"
+
+
+def test_cancelling_frees_the_slot_only_after_the_worker_left_the_engine():
+    engine = ScriptedEngine(step_seconds=0.05)
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header()
+            yield target()
+
+        async def consume():
+            async for event in runner.decode(job(steps=1000), items()):
+                if isinstance(event, Progress) and event.done == 2:
+                    second_step.set()
+
+        second_step = asyncio.Event()
+        task = asyncio.create_task(consume())
+        await second_step.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the slot is free and the engine idle: no step of the cancelled call runs any more
+        assert runner.admission.in_flight == 0
+        assert engine.in_engine.acquire(blocking=False)
+        engine.in_engine.release()
+        steps = engine.steps_run
+        await asyncio.sleep(0.15)
+        assert engine.steps_run == steps < 1000
+
+    run(main())
+    assert engine.calls[-2].startswith("cancelled:") and engine.calls[-1] == "release"
+
+
+def test_deadline_between_steps():
+    engine = ScriptedEngine(step_seconds=0.02)
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header()
+            yield target()
+
+        with pytest.raises(DeadlineExceeded, match="of 1000 denoising steps"):
+            await collect(runner, job(steps=1000), items(), time_remaining=0.2)
+
+    run(main())
+    assert engine.steps_run < 1000
+
+
+def test_not_ready_before_start():
+    runner = DecodeRunner(ScriptedEngine(), RunnerOptions(warm_up=False))
+    with pytest.raises(NotReady):
+        runner.info  # noqa: B018
+
+
+def test_warm_up_decodes_once_before_ready():
+    engine = ScriptedEngine()
+
+    async def main():
+        runner = DecodeRunner(engine, RunnerOptions(warm_up=True, warm_up_side=64))
+        await runner.start()
+        return runner.info
+
+    assert run(main()).plan_format == FORMAT
+    assert engine.calls == ["load", "prepare", "decode:4", "release"]
