@@ -153,7 +153,7 @@ def test_bad_input_is_rejected_with_the_stage_named(client, cluster):
 
 def test_deadline_exceeded_stops_both_stages(client, cluster):
     with pytest.raises(grpc.RpcError) as error:
-        client.generate(PROMPT, 256, 256, num_inference_steps=400, timeout=3.0)
+        client.generate(PROMPT, 512, 512, num_inference_steps=100, timeout=3.0)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(cluster) < 2.0
 
@@ -165,7 +165,7 @@ def test_client_cancellation_stops_both_stages(cluster, stage):
     with grpc.insecure_channel(cluster.gateway.address) as channel:
         stub = image_service_pb2_grpc.ImageServiceStub(channel)
         call = stub.Generate(image_service_pb2.GenerateRequest(prompt=PROMPT, width=512, height=512,
-                                                               num_inference_steps=400))  # fmt: skip
+                                                               num_inference_steps=100))  # fmt: skip
         for event in call:
             if event.WhichOneof("event") == "progress" and event.progress.stage == stage:
                 break
@@ -183,7 +183,7 @@ def test_decoder_killed_mid_denoise_is_replaced_without_replanning(client, clust
             busy[0].signal(signal.SIGKILL)
             killed.append(busy[0])
 
-    result = client.generate(PROMPT, 256, 256, seed=2, num_inference_steps=60, on_progress=on_progress)
+    result = client.generate(PROMPT, 256, 256, seed=2, num_inference_steps=100, on_progress=on_progress)
     assert killed and result.completed.decoder_attempts == 2 and result.completed.planner_attempts == 1
     assert completed_plans(cluster) - plans_before == 1, "the plan was replayed, not generated again"
     restart(cluster, killed[0])
