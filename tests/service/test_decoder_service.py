@@ -224,9 +224,17 @@ def test_image_to_image_pixels_equal_diffusers(stub, info, pipe):
 # -- the event stream ----------------------------------------------------------------------------
 
 
+def step_count() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("glmimage_decoder_denoise_step_seconds_count", {"stage": "decoder"}) or 0.0
+
+
 def test_progress_chunks_and_completed(stub, info):
     ids = random_ids(256, 256, seed=1)
+    steps_before = step_count()
     result = decode(stub, [spec(steps=3, request_id="req-42"), *plan_stream(info, ids)])
+    assert step_count() - steps_before == 3  # the step-time histogram saw every step
     # one progress per step, in order, all before the image; then the chunks; then completed
     assert [(p.stage, p.done, p.total) for p in result.progress] == [
         (common_pb2.STAGE_DECODING, i, 3) for i in (1, 2, 3)
@@ -439,3 +447,21 @@ def test_sigterm_drains_in_flight_decode_and_exits_0(model_dir, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- a checkpoint mounted without the AR model ---------------------------------------------------
+
+
+def test_checkpoint_without_the_ar_model_needs_its_plan_format(model_dir, tmp_path):
+    from decoder_service.diffusers_engine import DiffusersEngine
+    from servekit.plan_format import plan_format
+
+    for name in ("model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+        (tmp_path / name).symlink_to(Path(model_dir) / name)
+    with pytest.raises(RuntimeError, match="pass --plan-format"):
+        DiffusersEngine(tmp_path).load()
+    with pytest.raises(RuntimeError, match="codebook of 16384; this DiT's has 64"):
+        DiffusersEngine(tmp_path, plan_format_override="glm-image/vq16384/0123456789abcdef").load()
+    engine = DiffusersEngine(tmp_path, plan_format_override=plan_format(model_dir))
+    engine.load()
+    assert engine.info.plan_format == plan_format(model_dir) and engine.info.codebook_size == 64
