@@ -362,13 +362,28 @@ def test_still_decodes_after_bad_requests(stub, info, server):
 # -- admission, cancellation, deadlines ----------------------------------------------------------
 
 
+def wait_for_admission(in_flight: int, queued: int, timeout: float = 10.0) -> None:
+    from prometheus_client import REGISTRY
+
+    def now():
+        return tuple(
+            REGISTRY.get_sample_value(f"glmimage_requests_{name}", {"stage": "decoder"})
+            for name in ("in_flight", "queued")
+        )
+
+    deadline = time.monotonic() + timeout
+    while now() != (in_flight, queued):
+        assert time.monotonic() < deadline, f"admission is {now()}, expected {(in_flight, queued)}"
+        time.sleep(0.02)
+
+
 def test_beyond_the_queue_is_resource_exhausted(stub, info):
     """One decode in flight (max 1) and one queued (max 1): the third is refused at once."""
     running, queued = OpenDecode(stub), OpenDecode(stub)
     running.send(spec(), header(info))  # holds the slot: its plan never completes
-    time.sleep(0.3)
+    wait_for_admission(in_flight=1, queued=0)
     queued.send(spec())
-    time.sleep(0.3)
+    wait_for_admission(in_flight=1, queued=1)
     with pytest.raises(grpc.RpcError) as caught:
         decode(stub, [spec(), *plan_stream(info, IDS)], timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
