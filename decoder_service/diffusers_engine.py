@@ -1,11 +1,12 @@
 """The decoder engine over diffusers' GlmImagePipeline, loaded without its AR model.
 
-`GlmImagePipeline.__call__` runs as one block; here its steps run as three calls, so that all but
-the denoising loop happen while the plan is still streaming in, with a progress callback and a
-cancellation check between steps. Each call uses the pipeline's own building blocks (encode_prompt,
+`GlmImagePipeline.__call__` runs as one block; here it is cut where the engine interface needs it:
+`prepare` (glyph embeddings, seeded noise, condition latents, timesteps) and `add_conditions` (the
+i2i KV cache) run while the plan is still streaming in, then `begin`, one `step` per denoising step
+and `finish` (VAE decode). Each uses the pipeline's own building blocks (encode_prompt,
 prepare_latents, the VAE, GlmImageKVCache, calculate_shift/retrieve_timesteps, the transformer, the
-scheduler, the image processor) in the order and dtypes `__call__` uses them, and the noise comes
-first from `torch.Generator("cpu").manual_seed(seed)`, so that the pixels are identical to
+scheduler, the image processor) in the order and dtypes `__call__` uses them, and the noise is the
+first draw of `torch.Generator("cpu").manual_seed(seed)`, so that the pixels are identical to
 `pipe(prompt=..., prior_token_ids=..., generator=...)` with the same plan and seed.
 
 Per-request state lives in `_Request` (its own scheduler copy, KV cache, generator), never on the
@@ -14,8 +15,9 @@ pipeline object, whose `_guidance_scale` & co. belong to `__call__`.
 
 import copy
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +26,10 @@ import torch
 from diffusers import GlmImagePipeline
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_latents, retrieve_timesteps
+from PIL import Image
 
 from decoder_service.domain import ConditionPlan, DecodeJob
-from decoder_service.engine import DecodeCancelled, Decoded, DecoderEngine, EngineInfo
+from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.images import decode_condition_image
 from servekit.errors import InvalidRequest
 from servekit.plan_format import AR_FOLDER, plan_format
@@ -53,6 +56,18 @@ class _Condition:
 
 
 @dataclass
+class _Denoise:
+    """The denoising loop's step-invariant inputs and its position."""
+
+    prior_token_ids: torch.Tensor  # the target grid upsampled to the DiT's patch grid
+    drop_cond: torch.Tensor
+    drop_uncond: torch.Tensor
+    target_size: torch.Tensor
+    crop_coords: torch.Tensor
+    index: int = 0
+
+
+@dataclass
 class _Request:
     job: DecodeJob
     generator: torch.Generator
@@ -63,6 +78,7 @@ class _Request:
     timesteps: torch.Tensor
     conditions: list[_Condition] = field(default_factory=list)
     kv_caches: GlmImageKVCache | None = None
+    denoise: _Denoise | None = None
 
 
 class DiffusersEngine(DecoderEngine):
@@ -100,6 +116,11 @@ class DiffusersEngine(DecoderEngine):
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         codebook = int(pipe.transformer.config.prior_vq_quantizer_codebook_size)
+        declared = re.search(r"/vq(\d+)/", fmt)
+        if declared and int(declared.group(1)) != codebook:
+            raise RuntimeError(
+                f"plan format {fmt!r} is for a codebook of {declared.group(1)}; this DiT's has {codebook}"
+            )
         self._info = EngineInfo(model=str(self.model_dir), engine="diffusers", plan_format=fmt, codebook_size=codebook)
         logger.info(
             "loaded %s (decoder only) on %s as %s in %.1f s: plan_format %s, codebook %d",
@@ -216,71 +237,66 @@ class DiffusersEngine(DecoderEngine):
     # -- denoise and VAE-decode, once the plan is complete --------------------------------------
 
     @torch.no_grad()
-    def decode(
-        self,
-        request: _Request,
-        target_ids: Sequence[int],
-        on_step: Callable[[int, int], None],
-        is_cancelled: Callable[[], bool],
-    ) -> Decoded:
+    def begin(self, request: _Request, target_ids: Sequence[int]) -> int:
+        """__call__ steps 7 and 8 up to the loop: the plan upsampled, the step-invariant inputs."""
         pipe, device, job = self.pipe, self.device, request.job
-        started = time.perf_counter()
+        if request.conditions and request.kv_caches is None:
+            raise RuntimeError("begin() of an image-to-image request before add_conditions()")
+        if request.kv_caches is None:
+            request.kv_caches = GlmImageKVCache(num_layers=pipe.transformer.config.num_layers)
         prior_token_ids = self._upsample(target_ids, job.height // SIZE_MULTIPLE, job.width // SIZE_MULTIPLE)
-        embeds = request.prompt_embeds
-        target_size = torch.tensor([(job.height, job.width)], dtype=embeds.dtype, device=device)
-        crop_coords = torch.tensor([(0, 0)], dtype=embeds.dtype, device=device)
-        do_cfg = job.guidance_scale > 1
-        with_conditions = bool(request.conditions)
-        kv_caches = request.kv_caches
-        if kv_caches is None:
-            if with_conditions:
-                raise RuntimeError("decode() of an image-to-image request before add_conditions()")
-            kv_caches = GlmImageKVCache(num_layers=pipe.transformer.config.num_layers)
-        transformer_dtype = pipe.transformer.dtype
-        drop_cond = torch.full_like(prior_token_ids, False, dtype=torch.bool)
-        drop_uncond = torch.full_like(prior_token_ids, True, dtype=torch.bool)
-        latents, scheduler, timesteps = request.latents, request.scheduler, request.timesteps
-        total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            if is_cancelled():
-                raise DecodeCancelled(i, total)
-            latent_model_input = latents.to(transformer_dtype)
-            timestep = t.expand(latents.shape[0]) - 1
-            if with_conditions:
-                kv_caches.set_mode("read")
-            noise_pred_cond = pipe.transformer(
-                hidden_states=latent_model_input, encoder_hidden_states=embeds, prior_token_id=prior_token_ids,
-                prior_token_drop=drop_cond, timestep=timestep, target_size=target_size, crop_coords=crop_coords,
-                attention_kwargs=None, return_dict=False, kv_caches=kv_caches,
-            )[0].float()  # fmt: skip
-            if do_cfg:
-                if with_conditions:
-                    kv_caches.set_mode("skip")
-                noise_pred_uncond = pipe.transformer(
-                    hidden_states=latent_model_input, encoder_hidden_states=request.negative_prompt_embeds,
-                    prior_token_id=prior_token_ids, prior_token_drop=drop_uncond, timestep=timestep,
-                    target_size=target_size, crop_coords=crop_coords, attention_kwargs=None, return_dict=False,
-                    kv_caches=kv_caches,
-                )[0].float()  # fmt: skip
-                noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_cond - noise_pred_uncond)
-            else:
-                noise_pred = noise_pred_cond
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if latents.is_cuda:
-                torch.cuda.synchronize(latents.device)  # so that progress and step times are real
-            on_step(i + 1, total)
-        kv_caches.clear()
-        denoised = time.perf_counter()
+        dtype = request.prompt_embeds.dtype
+        request.denoise = _Denoise(
+            prior_token_ids=prior_token_ids,
+            drop_cond=torch.full_like(prior_token_ids, False, dtype=torch.bool),
+            drop_uncond=torch.full_like(prior_token_ids, True, dtype=torch.bool),
+            target_size=torch.tensor([(job.height, job.width)], dtype=dtype, device=device),
+            crop_coords=torch.tensor([(0, 0)], dtype=dtype, device=device),
+        )
+        return len(request.timesteps)
 
-        vae = pipe.vae
-        latents = latents.to(vae.dtype)
+    @torch.no_grad()
+    def step(self, request: _Request) -> None:
+        """One iteration of __call__'s denoising loop."""
+        pipe, job, state, kv_caches = self.pipe, request.job, request.denoise, request.kv_caches
+        t = request.timesteps[state.index]
+        latents = request.latents
+        latent_model_input = latents.to(pipe.transformer.dtype)
+        timestep = t.expand(latents.shape[0]) - 1
+        inputs = dict(
+            hidden_states=latent_model_input, prior_token_id=state.prior_token_ids, timestep=timestep,
+            target_size=state.target_size, crop_coords=state.crop_coords, attention_kwargs=None, return_dict=False,
+            kv_caches=kv_caches,
+        )  # fmt: skip
+        if request.conditions:
+            kv_caches.set_mode("read")
+        noise_pred_cond = pipe.transformer(
+            encoder_hidden_states=request.prompt_embeds, prior_token_drop=state.drop_cond, **inputs
+        )[0].float()
+        if job.guidance_scale > 1:  # __call__'s do_classifier_free_guidance
+            if request.conditions:
+                kv_caches.set_mode("skip")
+            noise_pred_uncond = pipe.transformer(
+                encoder_hidden_states=request.negative_prompt_embeds, prior_token_drop=state.drop_uncond, **inputs
+            )[0].float()
+            noise_pred = noise_pred_uncond + job.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+        else:
+            noise_pred = noise_pred_cond
+        request.latents = request.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        state.index += 1
+        if request.latents.is_cuda:
+            torch.cuda.synchronize(request.latents.device)  # the step is done when it returns
+
+    @torch.no_grad()
+    def finish(self, request: _Request) -> Image.Image:
+        """The end of __call__: KV cache cleared, latents de-normalized, VAE decode, postprocess."""
+        request.kv_caches.clear()
+        vae = self.pipe.vae
+        latents = request.latents.to(vae.dtype)
         mean, std = self._latents_stats(latents.dtype)
         latents = latents * std + mean
         image = vae.decode(latents, return_dict=False, generator=request.generator)[0]
-        image = pipe.image_processor.postprocess(image, output_type="pil")[0]
-        return Decoded(
-            image=image, denoising_seconds=denoised - started, vae_decode_seconds=time.perf_counter() - denoised
-        )
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     def release(self, request: _Request) -> None:
         if request is not None and request.kv_caches is not None:

@@ -1,12 +1,15 @@
 """The decoder engine interface: what the runner needs from a model implementation.
 
-Every method but `info` blocks and runs in the runner's worker thread, one request's calls in
-order: `prepare` (as soon as the spec is valid), `add_conditions` (i2i, once the plan header has
-arrived), `decode` (once the plan is complete), `release` (always, last).
+Every method but `info` blocks; the runner calls them in its single worker thread, one request's
+calls in this order: `prepare` (as soon as the spec is valid), `add_conditions` (i2i, once the plan
+header has arrived), `begin` (once the plan is complete), `step` once per denoising step, `finish`
+(VAE decode), and `release` (always, last). The runner checks cancellation and deadlines between
+two calls, so a request stops within one step, and the calls of concurrent requests interleave step
+by step on the one thread, so that only one step's activations are ever alive.
 """
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +24,6 @@ class EngineInfo:
     engine: str
     plan_format: str
     codebook_size: int
-
-
-class DecodeCancelled(Exception):
-    """`decode` stopped between two steps because `is_cancelled()` said so."""
-
-    def __init__(self, steps_done: int, steps_total: int):
-        super().__init__(f"cancelled after {steps_done} of {steps_total} denoising steps")
-        self.steps_done = steps_done
-        self.steps_total = steps_total
-
-
-@dataclass
-class Decoded:
-    image: Image.Image
-    denoising_seconds: float
-    vae_decode_seconds: float
 
 
 Prepared = Any  # an engine's own per-request state, opaque to the runner
@@ -62,15 +49,16 @@ class DecoderEngine(abc.ABC):
         grids. Raises InvalidRequest when a grid does not fit its image."""
 
     @abc.abstractmethod
-    def decode(
-        self,
-        prepared: Prepared,
-        target_ids: Sequence[int],
-        on_step: Callable[[int, int], None],
-        is_cancelled: Callable[[], bool],
-    ) -> Decoded:
-        """Denoises (calling `on_step(done, total)` after each step, checking `is_cancelled()` before
-        each one and raising DecodeCancelled) and decodes the latents to an RGB image."""
+    def begin(self, prepared: Prepared, target_ids: Sequence[int]) -> int:
+        """Takes the complete target grid (d32, row-major); returns the number of steps."""
+
+    @abc.abstractmethod
+    def step(self, prepared: Prepared) -> None:
+        """One denoising step; returns once its work is done on the device."""
+
+    @abc.abstractmethod
+    def finish(self, prepared: Prepared) -> Image.Image:
+        """Decodes the latents into the RGB image."""
 
     def release(self, prepared: Prepared) -> None:  # noqa: B027 - optional hook
         """Frees a request's state early (the KV cache); called whatever happened."""

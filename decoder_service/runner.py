@@ -1,20 +1,23 @@
-"""Runs decodes on an engine: admission, a worker thread, overlap with the plan stream, progress,
+"""Runs decodes on an engine: admission, the worker thread, overlap with the plan stream, progress,
 cancellation and deadlines. No gRPC and no torch: it speaks the domain types of `domain.py`.
 
 One Decode call:
   spec (validated) -> slot -> engine.prepare starts in the worker while plan chunks are read
-  -> header: engine.add_conditions (i2i) -> plan complete: engine.decode, a Progress per step
-  -> the image encoded in the worker -> ImageChunks -> Completed.
+  -> header: engine.add_conditions (i2i) -> plan complete: engine.begin, then engine.step with a
+  Progress after each -> engine.finish (VAE) -> the image encoded -> ImageChunks -> Completed.
 A bad chunk, a failed job or the end of the stream before the plan is complete ends the call with
-that error at once. Chunks that arrive while it denoises are still checked; a bad one stops it.
-Whatever ends a call (error, client cancel, deadline), the slot is freed only once the worker has
-left the engine (within one denoising step), so the next call never shares the model mid-step.
+that error at once; chunks that arrive while it denoises are still checked. Between two steps the
+call checks its deadline; a cancelled call (client gone, deadline, error) frees its slot only once
+the worker has finished the job in progress, so it stops within one step.
+
+All engine work runs as jobs on one worker thread, in the order submitted: the steps of concurrent
+calls (max_concurrent_decodes > 1) interleave one by one, and one call's preparation runs between
+another's steps, while only one step's activations are ever alive on the device.
 """
 
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from decoder_service.domain import (
     Progress,
     Timings,
 )
-from decoder_service.engine import DecodeCancelled, DecoderEngine, EngineInfo
+from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.images import chunks, encode_image
 from decoder_service.plan import PlanAssembler, PlanExpectations
 from servekit.admission import Admission
@@ -56,10 +59,8 @@ class DecodeRunner:
         self.engine = engine
         self.options = options
         self.admission = Admission(metrics.STAGE, options.max_concurrent_decodes, options.max_queued)
-        # One worker thread per concurrent decode (one by default): torch never runs on the event loop.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=options.max_concurrent_decodes, thread_name_prefix="decoder-worker"
-        )
+        # The one thread that runs engine work: torch never runs on the event loop.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder-worker")
         self._ready = False
 
     @property
@@ -68,8 +69,11 @@ class DecodeRunner:
             raise NotReady("the decoder is loading its model; retry when its health is SERVING")
         return self.engine.info
 
+    def submit_job(self, fn: Callable, *args) -> concurrent.futures.Future:
+        return self._executor.submit(fn, *args)
+
     def submit(self, fn: Callable, *args) -> asyncio.Future:
-        return asyncio.wrap_future(self._executor.submit(fn, *args))
+        return asyncio.wrap_future(self.submit_job(fn, *args))
 
     async def start(self) -> None:
         """Loads the model, then one minimal decode so that the first request pays no warm-up."""
@@ -83,9 +87,11 @@ class DecodeRunner:
             )  # fmt: skip
             prepared = await self.submit(self.engine.prepare, job)
             try:
-                ids = [0] * ((side // 32) ** 2)
-                decoded = await self.submit(self.engine.decode, prepared, ids, lambda *_: None, lambda: False)
-                await self.submit(encode_image, decoded.image, ImageFormat.PNG, self.options.png_compress_level)
+                steps = await self.submit(self.engine.begin, prepared, [0] * ((side // 32) ** 2))
+                for _ in range(steps):
+                    await self.submit(self.engine.step, prepared)
+                image = await self.submit(self.engine.finish, prepared)
+                await self.submit(encode_image, image, ImageFormat.PNG, self.options.png_compress_level)
             finally:
                 self.engine.release(prepared)
             logger.info("warm-up decode (%dx%d, 1 step) took %.2f s", side, side, time.perf_counter() - started)
@@ -115,9 +121,6 @@ class DecodeRunner:
         metrics.DECODE_SECONDS.observe(time.perf_counter() - started)
 
 
-_DONE = object()
-
-
 class _Call:
     """The state of one Decode call while it holds a slot."""
 
@@ -137,9 +140,8 @@ class _Call:
                 codebook_size=info.codebook_size, condition_images=len(job.condition_images),
             )
         )  # fmt: skip
-        self.cancelled = threading.Event()  # read by the worker between steps
-        self.failure: BaseException | None = None  # a bad chunk seen while denoising
-        self.jobs: list[asyncio.Future] = []  # every job submitted to the worker
+        self.queued_jobs: list[concurrent.futures.Future] = []  # every job submitted to the worker
+        self.jobs: list[asyncio.Future] = []  # the same, as seen from the event loop
         self.watch: set[asyncio.Future] = set()  # futures whose failure ends the call
         loop = asyncio.get_running_loop()
         self.header: asyncio.Future[PlanHeader] = loop.create_future()
@@ -150,16 +152,20 @@ class _Call:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _submit(self, fn: Callable, *args, prepare: bool = False) -> asyncio.Future:
+    def _submit(self, fn: Callable, *args, timing: str = "") -> asyncio.Future:
+        """`fn(*args)` in the worker; its duration is added to `self.timings.<timing>`."""
+
         def timed():
             begin = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                if prepare:
-                    self.timings.decoder_prepare_seconds += time.perf_counter() - begin
+                if timing:
+                    setattr(self.timings, timing, getattr(self.timings, timing) + time.perf_counter() - begin)
 
-        future = self.runner.submit(timed)
+        job = self.runner.submit_job(timed)
+        self.queued_jobs.append(job)
+        future = asyncio.wrap_future(job)
         self.jobs.append(future)
         self.watch.add(future)
         return future
@@ -175,95 +181,74 @@ class _Call:
         self.watch.discard(future)
         return future.result()
 
-    def _is_cancelled(self) -> bool:
-        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
-
     async def _read(self) -> None:
         """Feeds every chunk to the assembler until the client closes its side of the stream."""
-        try:
-            async for item in self.items:
-                self.assembler.add(item)
-                if self.assembler.header is not None and not self.header.done():
-                    self.header.set_result(self.assembler.header)
-                if self.assembler.complete and not self.plan.done():
-                    self.plan_complete_at = time.perf_counter()
-                    self.plan.set_result(self.assembler.plan())
-            self.assembler.finish()
-        except Exception as error:
-            self.failure = error
-            self.cancelled.set()  # a decode already running stops within a step
-            raise
+        async for item in self.items:
+            self.assembler.add(item)
+            if self.assembler.header is not None and not self.header.done():
+                self.header.set_result(self.assembler.header)
+            if self.assembler.complete and not self.plan.done():
+                self.plan_complete_at = time.perf_counter()
+                self.plan.set_result(self.assembler.plan())
+        self.assembler.finish()
 
     # -- the call --------------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[DecodeEvent]:
         job, engine = self.job, self.engine
-        self.prepared_job = self._submit(engine.prepare, job, prepare=True)
+        self.prepared_job = self._submit(engine.prepare, job, timing="decoder_prepare_seconds")
         self.reader = asyncio.create_task(self._read())
         self.watch.add(self.reader)
 
         header = await self._until(self.header)
         prepared = await self._until(self.prepared_job)
         if header.conditions:
-            await self._until(self._submit(engine.add_conditions, prepared, header.conditions, prepare=True))
+            conditions = self._submit(
+                engine.add_conditions, prepared, header.conditions, timing="decoder_prepare_seconds"
+            )
+            await self._until(conditions)
         plan = await self._until(self.plan)
 
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        last_step = [time.perf_counter()]
-
-        def on_step(done: int, total: int) -> None:  # in the worker thread
-            now = time.perf_counter()
-            metrics.DENOISE_STEP_SECONDS.observe(now - last_step[0])
-            last_step[0] = now
-            loop.call_soon_threadsafe(queue.put_nowait, Progress(done, total))
-
-        decoding = self._submit(engine.decode, prepared, plan.target_ids, on_step, self._is_cancelled)
-        decoding.add_done_callback(lambda _: queue.put_nowait(_DONE))
-        while (event := await queue.get()) is not _DONE:
-            yield event
-        self.watch.discard(decoding)
-        try:
-            decoded = decoding.result()
-        except DecodeCancelled as stopped:
-            if self.failure is not None:
-                raise self.failure from None
+        total = await self._until(self._submit(engine.begin, prepared, plan.target_ids, timing="denoising_seconds"))
+        for done in range(1, total + 1):
             if self.deadline is not None and time.monotonic() >= self.deadline:
-                raise DeadlineExceeded(
-                    f"the deadline passed after {stopped.steps_done} of {stopped.steps_total} denoising steps"
-                ) from None
-            raise
-        self.timings.denoising_seconds = decoded.denoising_seconds
-        self.timings.vae_decode_seconds = decoded.vae_decode_seconds
-
-        begin = time.perf_counter()
+                raise DeadlineExceeded(f"the deadline passed after {done - 1} of {total} denoising steps")
+            begin = time.perf_counter()
+            await self._until(self._submit(engine.step, prepared, timing="denoising_seconds"))
+            metrics.DENOISE_STEP_SECONDS.observe(time.perf_counter() - begin)
+            yield Progress(done, total)
+        image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
         encoded = await self._until(
-            self._submit(encode_image, decoded.image, job.output_format, self.runner.options.png_compress_level)
+            self._submit(
+                encode_image, image, job.output_format, self.runner.options.png_compress_level, timing="encode_seconds"
+            )
         )
-        self.timings.encode_seconds = time.perf_counter() - begin
-        if self.failure is not None:
-            raise self.failure
+        self._raise_if_failed()  # a bad chunk that came during the last step
         for piece in chunks(encoded.data, self.runner.options.chunk_bytes):
             yield ImageChunk(piece)
-        self.timings.total_seconds = time.perf_counter() - self.started
+        t = self.timings
+        t.total_seconds = time.perf_counter() - self.started
         metrics.TAIL_SECONDS.observe(time.perf_counter() - self.plan_complete_at)
         logger.info(
             "decoded %s: %dx%d, %d steps, %d bytes %s; prepare %.3f s, denoise %.3f s, vae %.3f s, encode %.3f s, "
-            "total %.3f s", job.request_id, job.width, job.height, job.steps, len(encoded.data),
-            job.output_format.value, self.timings.decoder_prepare_seconds, self.timings.denoising_seconds,
-            self.timings.vae_decode_seconds, self.timings.encode_seconds, self.timings.total_seconds,
+            "total %.3f s", job.request_id, job.width, job.height, total, len(encoded.data), job.output_format.value,
+            t.decoder_prepare_seconds, t.denoising_seconds, t.vae_decode_seconds, t.encode_seconds, t.total_seconds,
         )  # fmt: skip
         yield Completed(
             request_id=job.request_id, width=job.width, height=job.height, seed=job.seed, format=job.output_format,
-            sha256=encoded.sha256, size_bytes=len(encoded.data), plan_tokens=len(plan.target_ids),
-            timings=self.timings,
+            sha256=encoded.sha256, size_bytes=len(encoded.data), plan_tokens=len(plan.target_ids), timings=t,
         )  # fmt: skip
+
+    def _raise_if_failed(self) -> None:
+        if self.reader.done() and not self.reader.cancelled() and self.reader.exception() is not None:
+            raise self.reader.exception()
 
     async def close(self) -> None:
         """Stops the call; returns once the worker has left the engine, so the slot can be freed."""
-        self.cancelled.set()
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
+        for job in self.queued_jobs:
+            job.cancel()  # drops a job still queued behind another call's step; a running one finishes
         pending = [job for job in self.jobs if not job.done()]
         if self.reader is not None:
             pending.append(self.reader)

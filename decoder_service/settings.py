@@ -26,7 +26,10 @@ class DecoderSettings:
         "", "plan format this decoder accepts; empty: computed from the checkpoint's AR codebook "
         "(set it, to the planner's GetServerInfo value, when the AR folder is not mounted)",
     )  # fmt: skip
-    max_concurrent_decodes: int = option(1, "decodes in flight per model instance (each in its own worker thread)")
+    max_concurrent_decodes: int = option(
+        1, "decodes in flight per model instance; they share one worker thread step by step, so a decode "
+        "waiting for its plan leaves the device to the others",
+    )  # fmt: skip
     max_queued: int = option(8, "decodes waiting for a slot; beyond this RESOURCE_EXHAUSTED")
     default_steps: int = option(50, "denoising steps when a request leaves them unset")
     default_guidance_scale: float = option(1.5, "CFG scale when a request leaves it unset")

@@ -224,9 +224,17 @@ def test_image_to_image_pixels_equal_diffusers(stub, info, pipe):
 # -- the event stream ----------------------------------------------------------------------------
 
 
+def step_count() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("glmimage_decoder_denoise_step_seconds_count", {"stage": "decoder"}) or 0.0
+
+
 def test_progress_chunks_and_completed(stub, info):
     ids = random_ids(256, 256, seed=1)
+    steps_before = step_count()
     result = decode(stub, [spec(steps=3, request_id="req-42"), *plan_stream(info, ids)])
+    assert step_count() - steps_before == 3  # the step-time histogram saw every step
     # one progress per step, in order, all before the image; then the chunks; then completed
     assert [(p.stage, p.done, p.total) for p in result.progress] == [
         (common_pb2.STAGE_DECODING, i, 3) for i in (1, 2, 3)
@@ -354,13 +362,28 @@ def test_still_decodes_after_bad_requests(stub, info, server):
 # -- admission, cancellation, deadlines ----------------------------------------------------------
 
 
+def wait_for_admission(in_flight: int, queued: int, timeout: float = 10.0) -> None:
+    from prometheus_client import REGISTRY
+
+    def now():
+        return tuple(
+            REGISTRY.get_sample_value(f"glmimage_requests_{name}", {"stage": "decoder"})
+            for name in ("in_flight", "queued")
+        )
+
+    deadline = time.monotonic() + timeout
+    while now() != (in_flight, queued):
+        assert time.monotonic() < deadline, f"admission is {now()}, expected {(in_flight, queued)}"
+        time.sleep(0.02)
+
+
 def test_beyond_the_queue_is_resource_exhausted(stub, info):
     """One decode in flight (max 1) and one queued (max 1): the third is refused at once."""
     running, queued = OpenDecode(stub), OpenDecode(stub)
     running.send(spec(), header(info))  # holds the slot: its plan never completes
-    time.sleep(0.3)
+    wait_for_admission(in_flight=1, queued=0)
     queued.send(spec())
-    time.sleep(0.3)
+    wait_for_admission(in_flight=1, queued=1)
     with pytest.raises(grpc.RpcError) as caught:
         decode(stub, [spec(), *plan_stream(info, IDS)], timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -439,3 +462,21 @@ def test_sigterm_drains_in_flight_decode_and_exits_0(model_dir, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- a checkpoint mounted without the AR model ---------------------------------------------------
+
+
+def test_checkpoint_without_the_ar_model_needs_its_plan_format(model_dir, tmp_path):
+    from decoder_service.diffusers_engine import DiffusersEngine
+    from servekit.plan_format import plan_format
+
+    for name in ("model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+        (tmp_path / name).symlink_to(Path(model_dir) / name)
+    with pytest.raises(RuntimeError, match="pass --plan-format"):
+        DiffusersEngine(tmp_path).load()
+    with pytest.raises(RuntimeError, match="codebook of 16384; this DiT's has 64"):
+        DiffusersEngine(tmp_path, plan_format_override="glm-image/vq16384/0123456789abcdef").load()
+    engine = DiffusersEngine(tmp_path, plan_format_override=plan_format(model_dir))
+    engine.load()
+    assert engine.info.plan_format == plan_format(model_dir) and engine.info.codebook_size == 64

@@ -18,7 +18,7 @@ from decoder_service.domain import (
     PlanTokens,
     Progress,
 )
-from decoder_service.engine import DecodeCancelled, Decoded, DecoderEngine, EngineInfo
+from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.runner import DecodeRunner, RunnerOptions
 from servekit.errors import DeadlineExceeded, InvalidRequest, NotReady
 
@@ -29,6 +29,8 @@ SIDE = 64  # a 2x2 grid
 
 
 class ScriptedEngine(DecoderEngine):
+    """Records its calls; `step` sleeps `step_seconds` holding `in_engine`."""
+
     def __init__(self, step_seconds=0.0, fail_prepare=None):
         self.step_seconds = step_seconds
         self.fail_prepare = fail_prepare
@@ -46,7 +48,7 @@ class ScriptedEngine(DecoderEngine):
         self.calls.append("load")
 
     def prepare(self, job):
-        self.calls.append("prepare")
+        self.calls.append(f"prepare:{job.request_id}")
         if self.fail_prepare:
             raise self.fail_prepare
         self.prepared.set()
@@ -56,27 +58,27 @@ class ScriptedEngine(DecoderEngine):
         self.calls.append(f"add_conditions:{len(conditions)}")
         self.conditioned.set()
 
-    def decode(self, job, target_ids, on_step, is_cancelled):
-        self.calls.append(f"decode:{len(target_ids)}")
+    def begin(self, job, target_ids):
+        self.calls.append(f"begin:{len(target_ids)}")
+        return job.steps
+
+    def step(self, job):
         with self.in_engine:
-            for i in range(job.steps):
-                if is_cancelled():
-                    self.calls.append(f"cancelled:{i}")
-                    raise DecodeCancelled(i, job.steps)
-                time.sleep(self.step_seconds)
-                self.steps_run += 1
-                on_step(i + 1, job.steps)
-        return Decoded(
-            image=Image.new("RGB", (job.width, job.height), (1, 2, 3)), denoising_seconds=0.1, vae_decode_seconds=0.01
-        )
+            time.sleep(self.step_seconds)
+            self.steps_run += 1
+            self.calls.append(f"step:{job.request_id}")
+
+    def finish(self, job):
+        self.calls.append(f"finish:{job.request_id}")
+        return Image.new("RGB", (job.width, job.height), (1, 2, 3))
 
     def release(self, job):
-        self.calls.append("release")
+        self.calls.append(f"release:{job.request_id}")
 
 
-def job(steps=3, images=()) -> DecodeJob:
+def job(steps=3, images=(), request_id="r1") -> DecodeJob:
     return DecodeJob(
-        request_id="r1", prompt="p", width=SIDE, height=SIDE, seed=1, steps=steps, guidance_scale=1.5,
+        request_id=request_id, prompt="p", width=SIDE, height=SIDE, seed=1, steps=steps, guidance_scale=1.5,
         condition_images=tuple(images),
     )  # fmt: skip
 
@@ -127,7 +129,7 @@ def test_prepare_runs_while_the_plan_is_still_streaming():
         return events
 
     events = run(main())
-    assert engine.calls == ["load", "prepare", "last chunk", "decode:4", "release"]
+    assert engine.calls == ["load", "prepare:r1", "last chunk", "begin:4", *["step:r1"] * 3, "finish:r1", "release:r1"]
     assert [e for e in events if isinstance(e, Progress)] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
     chunks = [e for e in events if isinstance(e, ImageChunk)]
     assert len(chunks) > 1 and all(len(c.data) <= 100 for c in chunks)
@@ -151,7 +153,7 @@ def test_reference_kv_cache_is_built_when_the_header_arrives():
         await collect(runner, job(images=[b"img"]), items())
 
     run(main())
-    assert engine.calls[1:] == ["prepare", "add_conditions:1", "last chunk", "decode:4", "release"]
+    assert engine.calls[1:4] == ["prepare:r1", "add_conditions:1", "last chunk"]
 
 
 def test_a_failed_prepare_ends_the_call_before_the_plan_is_complete():
@@ -209,7 +211,7 @@ def test_a_bad_chunk_while_denoising_stops_the_decode():
 
     events = run(main())
     assert 0 < len(events) < 1000 and engine.steps_run < 1000
-    assert engine.calls[-2].startswith("cancelled:") and engine.calls[-1] == "release"
+    assert engine.calls[-2:] == ["step:r1", "release:r1"]
 
 
 def test_cancelling_frees_the_slot_only_after_the_worker_left_the_engine():
@@ -242,7 +244,7 @@ def test_cancelling_frees_the_slot_only_after_the_worker_left_the_engine():
         assert engine.steps_run == steps < 1000
 
     run(main())
-    assert engine.calls[-2].startswith("cancelled:") and engine.calls[-1] == "release"
+    assert engine.calls[-2:] == ["step:r1", "release:r1"]
 
 
 def test_deadline_between_steps():
@@ -277,4 +279,40 @@ def test_warm_up_decodes_once_before_ready():
         return runner.info
 
     assert run(main()).plan_format == FORMAT
-    assert engine.calls == ["load", "prepare", "decode:4", "release"]
+    assert engine.calls == ["load", "prepare:warm-up", "begin:4", "step:warm-up", "finish:warm-up", "release:warm-up"]
+
+
+def test_concurrent_calls_share_the_worker_step_by_step():
+    """With two slots, a call waiting for its plan costs nothing, its preparation runs between the
+    other's steps, and once both denoise their steps alternate."""
+    engine = ScriptedEngine(step_seconds=0.01)
+
+    async def main():
+        runner = await started_runner(engine, max_concurrent_decodes=2)
+        b_plan_done = asyncio.Event()
+
+        async def items_a():
+            yield header()
+            yield target()
+
+        async def items_b():
+            yield header()
+            await b_plan_done.wait()
+            yield target()
+
+        b = None
+        async for event in runner.decode(job(steps=30, request_id="a"), items_a()):
+            if isinstance(event, Progress) and event.done == 3:
+                b = asyncio.create_task(collect(runner, job(steps=5, request_id="b"), items_b()))
+            if isinstance(event, Progress) and event.done == 10:
+                b_plan_done.set()
+        await b
+
+    run(main())
+    calls = engine.calls
+    prepare_b = calls.index("prepare:b")
+    assert calls[prepare_b - 1] == calls[prepare_b + 1] == "step:a"  # between two of a's steps
+    b_steps = [i for i, call in enumerate(calls) if call == "step:b"]
+    assert len(b_steps) == 5
+    assert all(calls[i - 1] == "step:a" for i in b_steps[1:])  # then one step each, alternating
+    assert calls.index("release:b") < calls.index("finish:a")  # the short one was not held up

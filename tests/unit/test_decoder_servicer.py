@@ -137,3 +137,24 @@ def test_settings_from_flags_and_environment(monkeypatch):
 def test_bad_settings_stop_at_start_up(argv):
     with pytest.raises(SystemExit):
         parse_settings(DecoderSettings, ENV_PREFIX, argv)
+
+
+def test_only_the_concrete_engine_imports_model_code():
+    """The servicer, runner and plan logic never import torch (style: the three layers)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "decoder_service"
+    heavy = {"torch", "diffusers", "transformers", "numpy"}
+    for path in package.glob("*.py"):
+        if path.name == "diffusers_engine.py":
+            continue
+        # imports at module level only: app.py imports the concrete engine inside a function
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not heavy & {name.split(".")[0] for name in names}, f"{path.name} imports {names}"
+            assert "decoder_service.diffusers_engine" not in names, path.name
