@@ -2,7 +2,6 @@
 
 import uuid
 from collections.abc import AsyncIterator
-from importlib import metadata
 
 import grpc
 
@@ -23,6 +22,7 @@ from decoder_service.domain import (
 from decoder_service.runner import DecodeRunner
 from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
 from servekit.errors import InvalidRequest
+from servekit.server import package_version
 from servekit.validation import Limits, check_condition_images, check_prompt, check_size, check_steps_and_guidance
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -39,16 +39,6 @@ _FORMATS_OUT = {
     ImageFormat.WEBP: common_pb2.IMAGE_FORMAT_WEBP,
 }
 _GRIDS = {planner_pb2.GRID_PREVIEW: Grid.PREVIEW, planner_pb2.GRID_TARGET: Grid.TARGET}
-
-
-def _version() -> str:
-    try:
-        return metadata.version("glm-image-serve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-VERSION = _version()
 
 
 def job_from_proto(
@@ -183,7 +173,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             codebook_size=info.codebook_size,
             engine=info.engine,
             limits=self.limits.to_proto(),
-            version=VERSION,
+            version=package_version(),
             default_num_inference_steps=self.default_steps,
             default_guidance_scale=self.default_guidance_scale,
         )

@@ -11,9 +11,7 @@ MAX_CHUNK_BYTES = 1024 * 1024  # the contract: image chunks are at most 1 MiB
 
 @dataclass
 class DecoderSettings:
-    model: str = option(
-        "", "checkpoint directory in the zai-org/GLM-Image layout; empty: build and serve the tiny random model"
-    )
+    model: str = option("", "checkpoint directory in the zai-org/GLM-Image layout")
     host: str = option("0.0.0.0", "address to bind")
     port: int = option(50052, "gRPC port (0: any free port)")
     metrics_port: int = option(9092, "Prometheus /metrics port (0: none)")
@@ -45,6 +43,8 @@ class DecoderSettings:
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> None:
+        if not self.model:
+            raise ValueError("--model (DECODER_MODEL) is required: a GLM-Image checkpoint folder")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_concurrent_decodes < 1:
