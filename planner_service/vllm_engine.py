@@ -1,0 +1,214 @@
+"""The production engine: vLLM's AsyncLLM running GLM-Image's AR stage (planner_service.vllm_model).
+
+Plans of all sizes are batched continuously. The planner renders each prompt with the checkpoint's
+processor and chat template (as the transformers engine does) and hands vLLM token ids; condition
+images are tokenized here, by the checkpoint's ViT + VQ only (the AR decoder is loaded by vLLM
+alone), and reach vLLM as their grids of codebook ids.
+
+vLLM's own engine flags pass through under vLLM's names (--tensor-parallel-size,
+--gpu-memory-utilization, --max-num-seqs, --dtype, --enforce-eager, ...). Defaults that differ from
+vLLM's, each only when its flag is absent:
+- --dtype: the checkpoint's own dtype ("auto" means that too), so that plans match transformers';
+- --skip-tokenizer-init: on; prompts arrive as token ids and plans leave as token ids;
+- on CPU only: --max-model-len min(8192, the checkpoint's maximum), --enforce-eager (torch.compile
+  on CPU costs minutes at start-up), and the environment VLLM_HOST_IP=127.0.0.1 and
+  VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache) unless set.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
+
+from planner_service.engine import PlanEngine, PlanJob, PlanLayout
+from planner_service.inputs import build_inputs, tokenize_conditions
+
+logger = logging.getLogger(__name__)
+
+CPU_ENVIRONMENT = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_MAX_MODEL_LEN = 8192
+CONDITION_PREFIXES = ("model.visual.", "model.vqmodel.")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def checkpoint_dtype(config_path: Path) -> str:
+    config = json.loads(config_path.read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
+def parse_engine_args(model_dir: str, argv: list[str]):
+    """vLLM's AsyncEngineArgs from vLLM's own CLI flags, with the planner's defaults (module doc).
+    Unknown flags or bad values stop the planner at start-up with vLLM's message."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class Parser(FlexibleArgumentParser):
+        def error(self, message: str):
+            raise SystemExit(f"vLLM engine arguments: {message}")
+
+    parser = AsyncEngineArgs.add_cli_args(Parser(prog="python -m planner_service", add_help=False))
+    namespace = parser.parse_args(argv)
+    unset = object()
+    given = parser.parse_args(
+        argv, argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    )
+    explicit = {name for name, value in vars(given).items() if value is not unset}
+
+    root = Path(model_dir)
+    namespace.model = str(root / "vision_language_encoder")
+    if "tokenizer" not in explicit:
+        namespace.tokenizer = str(root / "processor")
+    if namespace.dtype == "auto":
+        namespace.dtype = checkpoint_dtype(root / "vision_language_encoder" / "config.json")
+    if "skip_tokenizer_init" not in explicit:
+        namespace.skip_tokenizer_init = True
+    if _on_cpu():
+        if "max_model_len" not in explicit:
+            config = GlmImageConfig.from_pretrained(namespace.model)
+            namespace.max_model_len = min(CPU_MAX_MODEL_LEN, config.text_config.max_position_embeddings)
+        if not explicit & {"enforce_eager", "compilation_config", "optimization_level"}:
+            namespace.enforce_eager = True
+    return AsyncEngineArgs.from_cli_args(namespace)
+
+
+def load_condition_tokenizer(model_path: str, device: torch.device) -> GlmImageForConditionalGeneration:
+    """GlmImageForConditionalGeneration with only its ViT + VQ materialised (the text decoder stays on
+    the meta device: vLLM holds it), for planner_service.inputs.tokenize_conditions."""
+    path = Path(model_path)
+    config = GlmImageConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = GlmImageForConditionalGeneration(config)
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    state = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device=str(device)) as weights:
+            state.update({key: weights.get_tensor(key) for key in weights.keys() if key.startswith(CONDITION_PREFIXES)})
+    parts = [model.model.visual, model.model.vqmodel]
+    expected = {f"model.{prefix}.{key}" for prefix, part in zip(("visual", "vqmodel"), parts, strict=True)
+                for key in part.state_dict()}  # fmt: skip
+    missing = expected - state.keys()
+    if missing:
+        raise RuntimeError(f"{path}: condition-image weights missing: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)  # in the checkpoint's own dtype
+    return model.eval()
+
+
+class VllmEngine(PlanEngine):
+    name = "vllm"
+    default_max_in_flight = 64  # continuous batching: vLLM schedules every admitted plan at once
+
+    def __init__(self, model_dir: str, engine_args: list[str]):
+        self.model_dir = model_dir
+        self.engine_args = parse_engine_args(model_dir, engine_args)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Prompt rendering and the ViT + VQ run off the event loop, one job at a time.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-vllm-inputs")
+        self._request_ids = itertools.count()
+        self.engine = None
+        self.processor = None
+        self.conditions = None
+
+    def _load_inputs(self) -> None:
+        model_path = self.engine_args.model
+        self.processor = GlmImageProcessor.from_pretrained(f"{self.model_dir}/processor")
+        self.conditions = load_condition_tokenizer(model_path, self.device)
+        self.codebook_size = self.conditions.config.vq_config.num_embeddings
+        self.codebook_ids = list(range(self.codebook_size))
+        self.generation = GenerationConfig.from_pretrained(model_path)
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if _on_cpu():
+            for key, value in CPU_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self._load_inputs)
+        logger.info("starting vLLM for %s", self.engine_args.model)
+        self.engine = await loop.run_in_executor(None, AsyncLLM.from_engine_args, self.engine_args)
+
+    def _prepare(self, job: PlanJob):
+        inputs, layout = build_inputs(self.processor, job.prompt, job.width, job.height, job.images)
+        layout = tokenize_conditions(self.conditions, inputs.to(self.device), layout)
+        prompt = {"prompt_token_ids": inputs["input_ids"][0].tolist()}
+        if layout.conditions:
+            prompt["multi_modal_data"] = {
+                "image": [torch.tensor(c.ids, dtype=torch.int64).view(c.rows, c.cols) for c in layout.conditions]
+            }
+        return prompt, layout
+
+    async def prepare(self, job: PlanJob) -> PlanLayout:
+        prompt, layout = await asyncio.get_running_loop().run_in_executor(self._worker, self._prepare, job)
+        job.engine_inputs = prompt
+        return layout
+
+    def sampling_params(self, job: PlanJob, layout: PlanLayout):
+        """Exactly the grids (only codebook ids may be sampled, so no end id cuts a grid short),
+        seeded per request; unset fields come from the checkpoint's generation config."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = job.sampling
+        if sampling.temperature == 0:
+            choice = {"temperature": 0.0}
+        else:
+            choice = {
+                "temperature": self.generation.temperature if sampling.temperature is None else sampling.temperature,
+                "top_p": self.generation.top_p if sampling.top_p is None else sampling.top_p,
+                "top_k": (self.generation.top_k or 0) if sampling.top_k is None else sampling.top_k,
+            }
+        return SamplingParams(
+            **choice,
+            max_tokens=layout.total_tokens,
+            min_tokens=layout.total_tokens,
+            allowed_token_ids=self.codebook_ids,
+            seed=job.seed,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+        )
+
+    async def generate(self, job: PlanJob, layout: PlanLayout) -> AsyncIterator[list[int]]:
+        request_id = f"{job.request_id}-{next(self._request_ids)}"
+        stream = self.engine.generate(job.engine_inputs, self.sampling_params(job, layout), request_id)
+        finished = False
+        try:
+            async for output in stream:
+                finished = output.finished
+                if tokens := list(output.outputs[0].token_ids):
+                    yield tokens
+        finally:
+            # Closed early (cancelled, deadline, client gone): free the request in vLLM now.
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(request_id)
+            await stream.aclose()
+            job.engine_inputs = None
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("vLLM engine not started")
+        await self.engine.check_health()
+
+    async def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+        self._worker.shutdown(wait=True, cancel_futures=True)

