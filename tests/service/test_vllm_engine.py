@@ -6,12 +6,14 @@ model exists only because the `vllm.general_plugins` entry point registers it th
 import io
 import os
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from plans import receive_plan
 from servers import SERVING, ServerThread, health_status
@@ -208,6 +210,52 @@ def test_engine_flags_are_vllms_own(model_dir):
     assert (explicit.engine_args.dtype, explicit.engine_args.max_model_len) == ("bfloat16", 2048)
     with pytest.raises(SystemExit, match="unrecognized arguments: --no-such-flag"):
         make_engine(planner_settings(model_dir), ["--no-such-flag", "1"])
+
+
+def test_position_hook_equals_transformers_also_for_a_resumed_request(model_dir, pipe):
+    """vLLM's position hook on a stand-in model (no engine): prompt positions as transformers lays
+    them out, and decode positions that resolve to transformers' - also when vLLM's model runner V2
+    re-adds a preempted request as prompt + generated tokens (a path the V1 runner here never takes)."""
+    from transformers import AutoTokenizer
+
+    from planner_service.inputs import build_inputs
+    from planner_service.mrope import LayoutTable, position_stride, resolve_positions
+    from planner_service.vllm_model import GlmImageForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "processor")
+    model = types.SimpleNamespace(
+        image_start_id=pipe.vision_language_encoder.config.image_start_token_id,
+        tokenizer=tokenizer,
+        grid_tokens=tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<sop>", "<eop>")),
+        stride=position_stride(4096),
+        layouts=LayoutTable(4),
+        layout_rows=torch.zeros(4, 5, dtype=torch.int64),
+    )
+    ar = pipe.vision_language_encoder.model
+    images = [Image.open(io.BytesIO(png(*size))).convert("RGB") for size in CONDITIONS.values()]
+    for conditions in ([], images):
+        inputs, layout = build_inputs(pipe.processor, PROMPT, 512, 256, conditions)
+        ids = inputs["input_ids"][0].tolist()
+        expected, _ = ar.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["images_per_sample"])
+        expected_decode = ar._cached_decode_position_ids[0, :, : layout.total_tokens]
+        features, start = [], 0
+        for grid in layout.conditions:
+            start = ids.index(pipe.processor.image_token_id, start)
+            item = {"image_grid_thw": types.SimpleNamespace(data=torch.tensor([1, grid.rows, grid.cols]))}
+            place = types.SimpleNamespace(offset=start, length=grid.rows * grid.cols)
+            features.append(types.SimpleNamespace(modality="image", data=item, mm_position=place))
+            start += grid.rows * grid.cols
+        positions, delta = GlmImageForConditionalGeneration.get_mrope_input_positions(model, ids, features)
+        assert torch.equal(positions, expected[:, 0])
+        decoded = torch.arange(len(ids), len(ids) + layout.total_tokens).expand(3, -1) + delta  # vLLM's decode
+        assert torch.equal(resolve_positions(decoded, model.layout_rows, model.stride), expected_decode)
+        generated = 7  # preempted after 7 tokens, re-added with them as prompt
+        resumed, resumed_delta = GlmImageForConditionalGeneration.get_mrope_input_positions(
+            model, ids + [0] * generated, features
+        )
+        assert resumed_delta == delta and torch.equal(resumed[:, : len(ids)], positions)
+        resolved = resolve_positions(resumed[:, len(ids) :], model.layout_rows, model.stride)
+        assert torch.equal(resolved, expected_decode[:, :generated])
 
 
 def test_vllm_is_the_planners_default_engine():
