@@ -43,6 +43,7 @@ from vllm.multimodal.processing import (
     ProcessorInputs,
     PromptReplacement,
     PromptUpdate,
+    TimingContext,
 )
 from vllm.sequence import IntermediateTensors
 
@@ -185,6 +186,17 @@ class GlmImageMultiModalProcessor(BaseMultiModalProcessor[GlmImageProcessingInfo
 
         # The prompt already holds each image's rows * cols placeholders: locate them, change nothing.
         return [PromptReplacement(modality="image", target=placeholders, replacement=placeholders)]
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
+        result = super().apply(inputs, timing_ctx)
+        located = sum(place.length for place in result["mm_placeholders"].get("image", []))
+        in_prompt = result["prompt_token_ids"].count(self.info.image_token_id())
+        if in_prompt != located:
+            raise ValueError(
+                f"the prompt holds {in_prompt} image placeholders, its condition grids {located}: each "
+                "image needs exactly rows * cols placeholders, as GlmImageProcessor writes them"
+            )
+        return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,6 +185,28 @@ def test_deadline_aborts_the_vllm_request(stub, engine, aborts):
     wait_until(lambda: engine.engine.output_processor.get_num_unfinished_requests() == 0)
 
 
+def test_condition_grid_must_fill_its_placeholders(stub, planner, engine):
+    """A grid that does not match the prompt's placeholders is refused; the engine keeps serving."""
+    from planner_service.engine import PlanJob, Sampling
+
+    image = Image.open(io.BytesIO(png(*CONDITIONS["landscape"]))).convert("RGB")
+
+    async def submit_with_a_cropped_grid():
+        job = PlanJob("bad-grid", PROMPT, 256, 256, seed=0, sampling=Sampling(temperature=0.0), images=[image])
+        layout = await engine.prepare(job)
+        [grid] = job.engine_inputs["multi_modal_data"]["image"]
+        prompt = {**job.engine_inputs, "multi_modal_data": {"image": [grid[1:]]}}  # one row short
+        async for _ in engine.engine.generate(prompt, engine.sampling_params(job, layout), "bad-grid"):
+            pass
+
+    with pytest.raises(Exception) as error:
+        planner.call(submit_with_a_cropped_grid())
+    chain = [error.value, error.value.__cause__, error.value.__context__]
+    assert any("image placeholders" in str(e) for e in chain if e is not None), error.value
+    planner.call(engine.check_health())
+    assert receive_plan(stub.Plan(greedy_request(256, 256))).summary is not None
+
+
 def test_seeded_sampling_is_reproducible_and_follows_the_seed(stub):
     request = planner_pb2.PlanRequest(prompt=PROMPT, width=256, height=256, seed=3)
     first, second = (receive_plan(stub.Plan(request)) for _ in range(2))
