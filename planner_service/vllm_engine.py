@@ -141,9 +141,14 @@ class VllmEngine(PlanEngine):
             for key, value in CPU_ENVIRONMENT.items():
                 os.environ.setdefault(key, value)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, self._load_inputs)
         logger.info("starting vLLM for %s", self.engine_args.model)
+        # vLLM first: it sizes its memory from what is free, and the ViT + VQ are small.
         self.engine = await loop.run_in_executor(None, AsyncLLM.from_engine_args, self.engine_args)
+        try:
+            await loop.run_in_executor(self._worker, self._load_inputs)
+        except BaseException:
+            await self.shutdown()
+            raise
 
     def _prepare(self, job: PlanJob):
         inputs, layout = build_inputs(self.processor, job.prompt, job.width, job.height, job.images)
