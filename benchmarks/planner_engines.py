@@ -1,6 +1,7 @@
 """Plan throughput and time to first token: the vLLM engine against the transformers engine.
 
     python benchmarks/planner_engines.py [--model DIR] [--size 512x512] [--concurrency 1 8] [--plans 8]
+                                         [--vllm-args "VLLM FLAGS"]
 
 Both engines run in this process behind the planner's engine interface (prepare + generate), on the
 same model and machine, one after the other; vLLM runs as in production (its engine core and model
@@ -65,11 +66,11 @@ async def run(engine: PlanEngine, concurrency: int, plans: int, width: int, heig
     return Result(engine.name, concurrency, plans, sum(t for t, _ in done), seconds, [f for _, f in done])
 
 
-def make(name: str, model_dir: str) -> PlanEngine:
+def make(name: str, model_dir: str, vllm_args: list[str]) -> PlanEngine:
     if name == "vllm":
         from planner_service.vllm_engine import VllmEngine
 
-        return VllmEngine(model_dir, [])
+        return VllmEngine(model_dir, vllm_args)
     from planner_service.transformers_engine import TransformersEngine
 
     return TransformersEngine(model_dir)
@@ -77,7 +78,7 @@ def make(name: str, model_dir: str) -> PlanEngine:
 
 async def bench(name: str, args) -> list[Result]:
     width, height = args.size
-    engine = make(name, args.model)
+    engine = make(name, args.model, args.vllm_args.split())
     loaded = time.perf_counter()
     await engine.start()
     print(f"{name}: started in {time.perf_counter() - loaded:.1f} s", flush=True)
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--plans", type=int, default=8, help="plans per concurrency level (at least the concurrency)")
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
+    parser.add_argument(
+        "--vllm-args", default="", help="vLLM engine flags for the vLLM engine, e.g. '--max-num-seqs 16'"
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
     if not Path(args.model, "model_index.json").exists():
