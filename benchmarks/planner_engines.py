@@ -1,13 +1,15 @@
 """Plan throughput and time to first token: the vLLM engine against the transformers engine.
 
     python benchmarks/planner_engines.py [--model DIR] [--size 512x512] [--concurrency 1 8] [--plans 8]
-                                         [--vllm-args "VLLM FLAGS"]
+                                         [--rounds 3] [--vllm-args "VLLM FLAGS"]
 
 Both engines run in this process behind the planner's engine interface (prepare + generate), on the
-same model and machine, one after the other; vLLM runs as in production (its engine core and model
-worker in spawned processes). Each plan is sampled with the checkpoint's generation config and its
-own seed. At concurrency C, C plans are submitted at once and kept in flight until --plans are done.
-Prints plan tokens/s, the median and worst time to first token, and vLLM's throughput ratio.
+same model and machine; vLLM runs as in production (its engine core and model worker in spawned
+processes). Each plan is sampled with the checkpoint's generation config and its own seed. At
+concurrency C, C plans are submitted at once and kept in flight until --plans are done. The engines
+take turns, round after round, so that a change in the machine's load hits both; each figure is
+the median over the rounds. Prints plan tokens/s, time to first token (median and worst, from
+submission), and vLLM's throughput relative to transformers'.
 """
 
 import argparse
@@ -25,13 +27,11 @@ sys.path.insert(0, str(REPO))
 from planner_service.engine import PlanEngine, PlanJob, Sampling  # noqa: E402
 
 PROMPT = "a poster that says 'HELLO', in warm colours"
+ENGINES = ("transformers", "vllm")
 
 
 @dataclass
-class Result:
-    engine: str
-    concurrency: int
-    plans: int
+class Run:
     tokens: int
     seconds: float
     first_token: list[float]
@@ -53,7 +53,7 @@ async def one_plan(engine: PlanEngine, index: int, width: int, height: int) -> t
     return tokens, first
 
 
-async def run(engine: PlanEngine, concurrency: int, plans: int, width: int, height: int) -> Result:
+async def run(engine: PlanEngine, concurrency: int, plans: int, width: int, height: int) -> Run:
     slots = asyncio.Semaphore(concurrency)
 
     async def limited(index: int):
@@ -62,8 +62,7 @@ async def run(engine: PlanEngine, concurrency: int, plans: int, width: int, heig
 
     started = time.perf_counter()
     done = await asyncio.gather(*(limited(i) for i in range(plans)))
-    seconds = time.perf_counter() - started
-    return Result(engine.name, concurrency, plans, sum(t for t, _ in done), seconds, [f for _, f in done])
+    return Run(sum(t for t, _ in done), time.perf_counter() - started, [f for _, f in done])
 
 
 def make(name: str, model_dir: str, vllm_args: list[str]) -> PlanEngine:
@@ -76,42 +75,50 @@ def make(name: str, model_dir: str, vllm_args: list[str]) -> PlanEngine:
     return TransformersEngine(model_dir)
 
 
-async def bench(name: str, args) -> list[Result]:
+async def bench(args) -> dict[tuple[str, int], list[Run]]:
     width, height = args.size
-    engine = make(name, args.model, args.vllm_args.split())
-    loaded = time.perf_counter()
-    await engine.start()
-    print(f"{name}: started in {time.perf_counter() - loaded:.1f} s", flush=True)
+    engines = {}
     try:
-        await run(engine, 1, 1, width, height)  # warm-up
-        results = []
-        for concurrency in args.concurrency:
-            plans = max(args.plans, concurrency)
-            result = await run(engine, concurrency, plans, width, height)
-            print(f"{name}: concurrency {concurrency}: {result.tokens_per_second:.0f} tokens/s", flush=True)
-            results.append(result)
-        return results
+        for name in args.engines:
+            engine = make(name, args.model, args.vllm_args.split())
+            started = time.perf_counter()
+            await engine.start()
+            engines[name] = engine
+            await run(engine, 1, 1, width, height)  # warm-up
+            print(f"{name}: started in {time.perf_counter() - started:.1f} s", flush=True)
+        runs: dict[tuple[str, int], list[Run]] = {}
+        for round_index in range(args.rounds):
+            for concurrency in args.concurrency:
+                for name, engine in engines.items():
+                    result = await run(engine, concurrency, max(args.plans, concurrency), width, height)
+                    runs.setdefault((name, concurrency), []).append(result)
+                    print(
+                        f"round {round_index + 1}: {name}, concurrency {concurrency}: "
+                        f"{result.tokens_per_second:.0f} tokens/s",
+                        flush=True,
+                    )
+        return runs
     finally:
-        await engine.shutdown()
+        for engine in engines.values():
+            await engine.shutdown()
 
 
-def report(results: list[Result], args) -> None:
+def report(runs: dict[tuple[str, int], list[Run]], args) -> None:
     width, height = args.size
-    print(f"\nplans of {width}x{height}, sampled, {os.cpu_count()} CPUs")
-    print(
-        f"{'engine':<13} {'concurrency':>11} {'plans':>6} {'tokens':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT max':>9}"
-    )
-    by_key = {}
-    for r in results:
-        by_key[(r.engine, r.concurrency)] = r
+    print(f"\nplans of {width}x{height}, sampled, {os.cpu_count()} CPUs, median of {args.rounds} rounds")
+    print(f"{'engine':<13} {'concurrency':>11} {'plans':>6} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT max':>9}")
+    throughput = {}
+    for (name, concurrency), results in runs.items():
+        throughput[name, concurrency] = statistics.median(r.tokens_per_second for r in results)
+        first = statistics.median(statistics.median(r.first_token) for r in results)
+        worst = statistics.median(max(r.first_token) for r in results)
         print(
-            f"{r.engine:<13} {r.concurrency:>11} {r.plans:>6} {r.tokens:>7} {r.tokens_per_second:>9.0f} "
-            f"{statistics.median(r.first_token) * 1000:>7.0f}ms {max(r.first_token) * 1000:>7.0f}ms"
+            f"{name:<13} {concurrency:>11} {len(results[0].first_token):>6} {throughput[name, concurrency]:>9.0f} "
+            f"{first * 1000:>7.0f}ms {worst * 1000:>7.0f}ms"
         )
     for concurrency in args.concurrency:
-        vllm, reference = by_key.get(("vllm", concurrency)), by_key.get(("transformers", concurrency))
-        if vllm and reference:
-            ratio = vllm.tokens_per_second / reference.tokens_per_second
+        if ("vllm", concurrency) in throughput and ("transformers", concurrency) in throughput:
+            ratio = throughput["vllm", concurrency] / throughput["transformers", concurrency]
             print(f"concurrency {concurrency}: vllm / transformers throughput = {ratio:.2f}x")
 
 
@@ -120,21 +127,17 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("MODEL_DIR", str(REPO / ".cache" / "tiny-glm-image")))
     parser.add_argument("--size", default="512x512", type=lambda s: tuple(int(v) for v in s.split("x")))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--plans", type=int, default=8, help="plans per concurrency level (at least the concurrency)")
-    parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
-    parser.add_argument(
-        "--vllm-args", default="", help="vLLM engine flags for the vLLM engine, e.g. '--max-num-seqs 16'"
-    )
+    parser.add_argument("--plans", type=int, default=8, help="plans per run (at least the concurrency)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per engine and concurrency; medians are shown")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--vllm-args", default="", help="vLLM engine flags, e.g. '--max-num-seqs 16'")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
     if not Path(args.model, "model_index.json").exists():
         from testkit.tiny_model import write_tiny_model
 
         write_tiny_model(args.model)
-    results = []
-    for name in args.engines:
-        results += asyncio.run(bench(name, args))
-    report(results, args)
+    report(asyncio.run(bench(args)), args)
 
 
 if __name__ == "__main__":
