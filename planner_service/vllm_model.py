@@ -289,7 +289,8 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         grids = parse_decode_grids(
             token_ids[:prompt_length], 1 if images else 2, *self.grid_tokens, self.tokenizer.decode
         )
-        if grids is None:  # a prompt not rendered by GlmImageProcessor: positions as for text
+        if grids is None:
+            logger.warning_once("a prompt without GLM-Image's grid sizes before its image start: text positions")
             return positions, cursor - len(token_ids)
         layout = DecodeLayout(start=cursor - (len(token_ids) - prompt_length), grids=grids)
         slot, is_new = self.layouts.intern(layout.row())
