@@ -5,7 +5,7 @@ MODEL_DIR ?= .cache/tiny-glm-image
 ENGINE ?= vllm
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 
-.PHONY: setup stubs tiny-model lint test test-fast demo serve lint-deploy bench clean
+.PHONY: setup stubs tiny-model lint test demo serve lint-deploy bench clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,12 @@ serve: stubs tiny-model
 demo: stubs tiny-model
 	@mkdir -p out
 	@MODEL_DIR=$(MODEL_DIR) ENGINE=$(ENGINE) scripts/demo.sh
+
+# The figures in the README (each script prints its own; several minutes in all).
+bench: stubs tiny-model
+	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/planner_engines.py --model $(MODEL_DIR)
+	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/decoder_tail_latency.py
+	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/split_overhead.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf .cache out glmimage
