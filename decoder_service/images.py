@@ -32,7 +32,9 @@ def decode_condition_image(data: bytes, index: int) -> Image.Image:
     except InvalidRequest:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise InvalidRequest(f"condition_images[{index}] could not be decoded as PNG, JPEG or WebP: {error}") from None
+        raise InvalidRequest(
+            f"condition_images[{index}] could not be decoded as PNG, JPEG or WebP ({type(error).__name__})"
+        ) from None
 
 
 def encode_image(image: Image.Image, image_format: ImageFormat, png_compress_level: int = 1) -> EncodedImage:

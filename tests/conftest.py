@@ -11,6 +11,6 @@ def model_dir() -> Path:
     """The tiny GLM-Image (MODEL_DIR, or built into .cache/ on first use)."""
     from testkit.tiny_model import write_tiny_model
 
-    path = Path(os.environ.get("MODEL_DIR", REPO / ".cache" / "tiny-glm-image"))
+    path = Path(os.environ.get("MODEL_DIR", REPO / ".cache" / "tiny-glm-image")).resolve()
     write_tiny_model(path)
     return path
