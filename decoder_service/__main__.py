@@ -5,7 +5,7 @@ import sys
 
 from decoder_service.app import make_service
 from decoder_service.settings import ENV_PREFIX, DecoderSettings
-from servekit.server import ServerOptions, configure_logging, serve
+from servekit.server import configure_logging, serve
 from servekit.settings import log_settings, parse_settings
 
 
@@ -15,15 +15,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(settings.log_level)
     log_settings(settings)
-    options = ServerOptions(
-        host=settings.host,
-        port=settings.port,
-        metrics_port=settings.metrics_port,
-        shutdown_grace_seconds=settings.shutdown_grace_seconds,
-        tls_cert_file=settings.tls_cert_file,
-        tls_key_file=settings.tls_key_file,
-    )
-    asyncio.run(serve(make_service(settings), options))
+    asyncio.run(serve(make_service(settings), settings.server_options()))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from servekit.settings import option
+from servekit.settings import ServerSettings, option
 from servekit.validation import Limits
 
 ENV_PREFIX = "DECODER"
@@ -10,9 +10,8 @@ MAX_CHUNK_BYTES = 1024 * 1024  # the contract: image chunks are at most 1 MiB
 
 
 @dataclass
-class DecoderSettings:
+class DecoderSettings(ServerSettings):
     model: str = option("", "checkpoint directory in the zai-org/GLM-Image layout")
-    host: str = option("0.0.0.0", "address to bind")
     port: int = option(50052, "gRPC port (0: any free port)")
     metrics_port: int = option(9092, "Prometheus /metrics port (0: none)")
     device: str = option("cpu", "torch device: cpu, cuda or cuda:N")
@@ -37,12 +36,9 @@ class DecoderSettings:
     chunk_bytes: int = option(MAX_CHUNK_BYTES, "size of the image chunks streamed back (at most 1 MiB)")
     png_compress_level: int = option(1, "zlib level of PNG output, 0-9 (higher: smaller files, slower)")
     warm_up: bool = option(True, "run one minimal decode before reporting SERVING")
-    shutdown_grace_seconds: float = option(30.0, "seconds in-flight decodes may finish after SIGTERM")
-    tls_cert_file: str = option("", "PEM certificate chain; set with --tls-key-file to serve TLS")
-    tls_key_file: str = option("", "PEM private key")
-    log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> None:
+        super().validate()
         if not self.model:
             raise ValueError("--model (DECODER_MODEL) is required: a GLM-Image checkpoint folder")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -55,10 +51,6 @@ class DecoderSettings:
             raise ValueError(f"--chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError("--png-compress-level must be between 0 and 9")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("--tls-cert-file and --tls-key-file go together")
-        if self.shutdown_grace_seconds < 0:
-            raise ValueError("--shutdown-grace-seconds must be >= 0")
         limits = self.limits()  # raises on bad sides/steps
         if not limits.min_steps <= self.default_steps <= limits.max_steps:
             raise ValueError(f"--default-steps must be between 1 and --max-steps ({limits.max_steps})")

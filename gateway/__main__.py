@@ -4,7 +4,7 @@ import asyncio
 
 from gateway.service import gateway_spec
 from gateway.settings import GatewaySettings
-from servekit.server import ServerOptions, configure_logging, serve
+from servekit.server import configure_logging, serve
 from servekit.settings import log_settings, parse_settings
 
 
@@ -16,15 +16,7 @@ def main() -> None:
         raise SystemExit(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(settings.log_level)
     log_settings(settings)
-    options = ServerOptions(
-        host=settings.host,
-        port=settings.port,
-        metrics_port=settings.metrics_port,
-        shutdown_grace_seconds=settings.shutdown_grace_seconds,
-        tls_cert_file=settings.tls_cert_file,
-        tls_key_file=settings.tls_key_file,
-    )
-    asyncio.run(serve(gateway_spec(settings), options))
+    asyncio.run(serve(gateway_spec(settings), settings.server_options()))
 
 
 if __name__ == "__main__":

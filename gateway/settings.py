@@ -2,15 +2,14 @@
 
 from dataclasses import dataclass
 
-from servekit.settings import option
+from servekit.settings import ServerSettings, option
 from servekit.validation import Limits
 
 
 @dataclass
-class GatewaySettings:
+class GatewaySettings(ServerSettings):
     planner: str = option("127.0.0.1:50051", "planner targets, comma-separated (host:port or dns:///name:port)")
     decoder: str = option("127.0.0.1:50052", "decoder targets, comma-separated (host:port or dns:///name:port)")
-    host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50050, "gRPC port")
     metrics_port: int = option(9090, "Prometheus /metrics port (0 = off)")
     max_in_flight: int = option(256, "requests served at once")
@@ -25,18 +24,13 @@ class GatewaySettings:
     max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
     max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
     stage_tls_ca_file: str = option("", "PEM CA bundle: talk TLS to the stages, verifying their certificates")
-    shutdown_grace_seconds: float = option(30.0, "how long in-flight requests may finish after SIGTERM")
-    tls_cert_file: str = option("", "PEM certificate: serve TLS instead of plaintext")
-    tls_key_file: str = option("", "PEM private key for --tls-cert-file")
-    log_level: str = option("info", "logging level")
 
     def validate(self) -> None:
+        super().validate()
         if not self.planner_targets() or not self.decoder_targets():
             raise ValueError("--planner and --decoder each need at least one target")
         if min(self.max_in_flight, self.planner_attempts, self.decoder_attempts) < 1 or self.max_queued < 0:
             raise ValueError("--max-in-flight and the attempt counts must be >= 1, --max-queued >= 0")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("--tls-cert-file and --tls-key-file go together")
         self.limits()
 
     def planner_targets(self) -> list[str]:

@@ -5,7 +5,7 @@ import logging
 
 from planner_service.service import make_engine, planner_spec
 from planner_service.settings import PlannerSettings
-from servekit.server import ServerOptions, configure_logging, serve
+from servekit.server import configure_logging, serve
 from servekit.settings import log_settings, parse_settings
 
 logger = logging.getLogger("planner_service")
@@ -13,20 +13,15 @@ logger = logging.getLogger("planner_service")
 
 def main() -> None:
     settings, engine_args = parse_settings(
-        PlannerSettings, "PLANNER", description="GLM-Image planner: the AR stage over gRPC"
+        PlannerSettings,
+        "PLANNER",
+        description="GLM-Image planner: the AR stage over gRPC. Flags not listed here are vLLM engine flags "
+        "under vLLM's own names (--tensor-parallel-size, --gpu-memory-utilization, --max-num-seqs, --dtype, ...).",
     )
     configure_logging(settings.log_level)
     log_settings(settings)
     engine = make_engine(settings, engine_args)
-    options = ServerOptions(
-        host=settings.host,
-        port=settings.port,
-        metrics_port=settings.metrics_port,
-        shutdown_grace_seconds=settings.shutdown_grace_seconds,
-        tls_cert_file=settings.tls_cert_file,
-        tls_key_file=settings.tls_key_file,
-    )
-    asyncio.run(serve(planner_spec(settings, engine), options))
+    asyncio.run(serve(planner_spec(settings, engine), settings.server_options()))
 
 
 if __name__ == "__main__":

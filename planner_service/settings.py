@@ -2,17 +2,16 @@
 
 from dataclasses import dataclass
 
-from servekit.settings import option
+from servekit.settings import ServerSettings, option
 from servekit.validation import Limits
 
 ENGINES = ("vllm", "transformers")
 
 
 @dataclass
-class PlannerSettings:
+class PlannerSettings(ServerSettings):
     model: str = option("", "checkpoint folder in the zai-org/GLM-Image layout")
     engine: str = option("vllm", "generation engine", choices=ENGINES)
-    host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port")
     metrics_port: int = option(9091, "Prometheus /metrics port (0 = off)")
     max_in_flight: int = option(0, "plans generated at once (0 = engine default: 64 for vllm, 1 for transformers)")
@@ -25,18 +24,13 @@ class PlannerSettings:
     max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
     max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
     device: str = option("", "transformers engine device (default: cuda when available, else cpu)")
-    shutdown_grace_seconds: float = option(30.0, "how long in-flight plans may finish after SIGTERM")
-    tls_cert_file: str = option("", "PEM certificate: serve TLS instead of plaintext")
-    tls_key_file: str = option("", "PEM private key for --tls-cert-file")
-    log_level: str = option("info", "logging level")
 
     def validate(self) -> None:
+        super().validate()
         if not self.model:
             raise ValueError("--model (PLANNER_MODEL) is required: a GLM-Image checkpoint folder")
         if self.max_in_flight < 0 or self.max_queued < 0 or self.chunk_tokens < 1:
             raise ValueError("--max-in-flight and --max-queued must be >= 0, --chunk-tokens >= 1")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("--tls-cert-file and --tls-key-file go together")
         self.limits()  # raises on an inconsistent range
 
     def limits(self) -> Limits:

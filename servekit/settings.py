@@ -13,6 +13,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from servekit.server import ServerOptions
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -21,6 +23,36 @@ T = TypeVar("T")
 def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
     """A settings field: its default and help text (and argparse extras such as choices)."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """The server part every service shares; each service subclasses it with its own fields and
+    redeclares `port` and `metrics_port` with its own defaults."""
+
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(0, "gRPC port (0: any free port)")
+    metrics_port: int = option(0, "Prometheus /metrics port (0: none)")
+    shutdown_grace_seconds: float = option(30.0, "seconds in-flight requests may finish after SIGTERM")
+    tls_cert_file: str = option("", "PEM certificate chain: serve TLS instead of plaintext")
+    tls_key_file: str = option("", "PEM private key for --tls-cert-file")
+    log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+    def validate(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("--shutdown-grace-seconds must be >= 0")
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(
+            host=self.host,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            shutdown_grace_seconds=self.shutdown_grace_seconds,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+        )
 
 
 def _parse_bool(text: str) -> bool:
