@@ -39,6 +39,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
 
     async def start() -> None:
         await engine.start()
+        servicer.loaded = True
         await warm_up(servicer, limits)
 
     return ServiceSpec(

@@ -11,7 +11,7 @@ from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
 from planner_service.images import decode_condition_image
 from servekit import validation
 from servekit.admission import Admission
-from servekit.errors import InvalidRequest
+from servekit.errors import InvalidRequest, NotReady
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self.chunk_tokens = chunk_tokens
         self.chunk_interval_s = chunk_interval_s
         self.version = version
+        self.loaded = False  # set once the engine has loaded its model
 
     async def Plan(self, request, context):
         arrived = time.perf_counter()
+        if not self.loaded:
+            raise NotReady("the planner is loading its model; retry when its health is SERVING")
         job = job_from_proto(request, self.limits, self.engine.codebook_size)
         outcome = "cancelled"
         try:
@@ -139,6 +142,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             )
 
     async def GetServerInfo(self, request, context):
+        if not self.loaded:
+            raise NotReady("the planner is loading its model; retry when its health is SERVING")
         return common_pb2.ServerInfo(
             role=common_pb2.SERVICE_ROLE_PLANNER,
             model=self.model,

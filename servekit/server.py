@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -52,7 +52,6 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     start: Callable[[], Awaitable[None]]  # loads and warms up the engine
     stop: Callable[[], Awaitable[None]]  # releases the engine
-    extra_health: Sequence[str] = field(default_factory=tuple)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The planner's chunking of streamed tokens into PlanTokens messages."""
+"""Planner pieces without a model: chunking of streamed tokens, the loading state."""
 
 import pytest
 
@@ -35,3 +35,21 @@ def test_a_partial_chunk_is_sent_once_it_is_old_enough():
     clock.now = 0.06
     [chunk] = chunker.feed([2])
     assert list(chunk.ids) == [1, 2] and chunker.produced == 2
+
+
+def test_a_loading_planner_answers_unavailable():
+    import asyncio
+
+    from planner_service.servicer import PlannerServicer
+    from servekit.errors import NotReady
+
+    servicer = PlannerServicer(engine=None, admission=None, limits=None, plan_format="", model="", chunk_tokens=1,
+                               chunk_interval_s=0, version="")  # fmt: skip
+
+    async def first_chunk():
+        return await anext(servicer.Plan(planner_pb2.PlanRequest(prompt="p", width=512, height=512), None))
+
+    with pytest.raises(NotReady, match="loading"):
+        asyncio.run(first_chunk())
+    with pytest.raises(NotReady, match="loading"):
+        asyncio.run(servicer.GetServerInfo(None, None))
