@@ -200,6 +200,23 @@ def test_planner_killed_before_its_first_token_is_replaced(client, cluster):
     restart(cluster, victim)
 
 
+def test_planner_killed_mid_plan_is_restarted_on_another(client, cluster, pipe):
+    killed = []
+
+    def on_progress(stage, done, total):
+        if stage == common_pb2.STAGE_PLANNING and done >= 64 and not killed:
+            busy = [s for s in stages(cluster, "planner") if metric(s, "glmimage_requests_in_flight", stage="planner")]
+            busy[0].signal(signal.SIGKILL)
+            killed.append(busy[0])
+
+    result = client.generate(PROMPT, 512, 256, seed=6, num_inference_steps=2, on_progress=on_progress)
+    assert killed and result.completed.planner_attempts == 2
+    # the decoder restarted on the new plan: the image is the one the whole plan gives
+    expected = reference.render(pipe, PROMPT, 512, 256, seed=6, steps=2)
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+    restart(cluster, killed[0])
+
+
 def test_concurrent_requests_all_complete(client):
     results, errors = [], []
 
