@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 from servekit.settings import ServerSettings, option
-from servekit.validation import Limits
 
 ENV_PREFIX = "DECODER"
 MAX_CHUNK_BYTES = 1024 * 1024  # the contract: image chunks are at most 1 MiB
@@ -30,9 +29,6 @@ class DecoderSettings(ServerSettings):
     max_queued: int = option(8, "decodes waiting for a slot; beyond this RESOURCE_EXHAUSTED")
     default_steps: int = option(50, "denoising steps when a request leaves them unset")
     default_guidance_scale: float = option(1.5, "CFG scale when a request leaves it unset")
-    min_side: int = option(512, "smallest width/height in pixels (multiple of 32)")
-    max_side: int = option(2048, "largest width/height in pixels (multiple of 32)")
-    max_steps: int = option(100, "most denoising steps a request may ask for")
     chunk_bytes: int = option(MAX_CHUNK_BYTES, "size of the image chunks streamed back (at most 1 MiB)")
     png_compress_level: int = option(1, "zlib level of PNG output, 0-9 (higher: smaller files, slower)")
     warm_up: bool = option(True, "run one minimal decode before reporting SERVING")
@@ -56,6 +52,3 @@ class DecoderSettings(ServerSettings):
             raise ValueError(f"--default-steps must be between 1 and --max-steps ({limits.max_steps})")
         if not 0 <= self.default_guidance_scale <= limits.max_guidance_scale:
             raise ValueError(f"--default-guidance-scale must be between 0 and {limits.max_guidance_scale}")
-
-    def limits(self) -> Limits:
-        return Limits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)

@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 from servekit.settings import ServerSettings, option
-from servekit.validation import Limits
 
 
 @dataclass
@@ -18,11 +17,6 @@ class GatewaySettings(ServerSettings):
     decoder_attempts: int = option(3, "most decoder replicas one request may try")
     default_timeout_seconds: float = option(600.0, "deadline for requests that carry none")
     health_interval_seconds: float = option(1.0, "how often each stage replica's health is checked")
-    min_side: int = option(Limits.min_side, "smallest width/height in pixels (the stages check their own too)")
-    max_side: int = option(Limits.max_side, "largest width/height in pixels")
-    max_prompt_chars: int = option(Limits.max_prompt_chars, "longest prompt in characters")
-    max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
-    max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
     stage_tls_ca_file: str = option("", "PEM CA bundle: talk TLS to the stages, verifying their certificates")
 
     def validate(self) -> None:
@@ -31,19 +25,9 @@ class GatewaySettings(ServerSettings):
             raise ValueError("--planner and --decoder each need at least one target")
         if min(self.max_in_flight, self.planner_attempts, self.decoder_attempts) < 1 or self.max_queued < 0:
             raise ValueError("--max-in-flight and the attempt counts must be >= 1, --max-queued >= 0")
-        self.limits()
 
     def planner_targets(self) -> list[str]:
         return [t.strip() for t in self.planner.split(",") if t.strip()]
 
     def decoder_targets(self) -> list[str]:
         return [t.strip() for t in self.decoder.split(",") if t.strip()]
-
-    def limits(self) -> Limits:
-        return Limits(
-            min_side=self.min_side,
-            max_side=self.max_side,
-            max_prompt_chars=self.max_prompt_chars,
-            max_condition_images=self.max_condition_images,
-            max_condition_image_bytes=self.max_condition_image_bytes,
-        )

@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 from servekit.settings import ServerSettings, option
-from servekit.validation import Limits
 
 ENGINES = ("vllm", "transformers")
 
@@ -18,11 +17,6 @@ class PlannerSettings(ServerSettings):
     max_queued: int = option(64, "plans waiting for a slot before RESOURCE_EXHAUSTED")
     chunk_tokens: int = option(32, "most tokens per PlanTokens message")
     chunk_interval_ms: float = option(50.0, "a partial chunk is sent once its first token is this old")
-    min_side: int = option(Limits.min_side, "smallest width/height in pixels")
-    max_side: int = option(Limits.max_side, "largest width/height in pixels")
-    max_prompt_chars: int = option(Limits.max_prompt_chars, "longest prompt in characters")
-    max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
-    max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
     device: str = option("", "transformers engine device (default: cuda when available, else cpu)")
 
     def validate(self) -> None:
@@ -31,13 +25,3 @@ class PlannerSettings(ServerSettings):
             raise ValueError("--model (PLANNER_MODEL) is required: a GLM-Image checkpoint folder")
         if self.max_in_flight < 0 or self.max_queued < 0 or self.chunk_tokens < 1:
             raise ValueError("--max-in-flight and --max-queued must be >= 0, --chunk-tokens >= 1")
-        self.limits()  # raises on an inconsistent range
-
-    def limits(self) -> Limits:
-        return Limits(
-            min_side=self.min_side,
-            max_side=self.max_side,
-            max_prompt_chars=self.max_prompt_chars,
-            max_condition_images=self.max_condition_images,
-            max_condition_image_bytes=self.max_condition_image_bytes,
-        )

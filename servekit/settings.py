@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from servekit.server import ServerOptions
+from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirror
 
 @dataclasses.dataclass
 class ServerSettings:
-    """The server part every service shares; each service subclasses it with its own fields and
-    redeclares `port` and `metrics_port` with its own defaults."""
+    """What every service shares: its server and the request limits it enforces. Each service
+    subclasses it with its own fields and redeclares `port` and `metrics_port` with its defaults."""
 
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(0, "gRPC port (0: any free port)")
@@ -37,12 +38,29 @@ class ServerSettings:
     tls_cert_file: str = option("", "PEM certificate chain: serve TLS instead of plaintext")
     tls_key_file: str = option("", "PEM private key for --tls-cert-file")
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+    min_side: int = option(Limits.min_side, "smallest width/height in pixels (a multiple of 32)")
+    max_side: int = option(Limits.max_side, "largest width/height in pixels (a multiple of 32)")
+    max_steps: int = option(Limits.max_steps, "most denoising steps a request may ask for")
+    max_prompt_chars: int = option(Limits.max_prompt_chars, "longest prompt in characters")
+    max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
+    max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
 
     def validate(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("--tls-cert-file and --tls-key-file go together")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
+        self.limits()  # raises on an inconsistent range
+
+    def limits(self) -> Limits:
+        return Limits(
+            min_side=self.min_side,
+            max_side=self.max_side,
+            max_steps=self.max_steps,
+            max_prompt_chars=self.max_prompt_chars,
+            max_condition_images=self.max_condition_images,
+            max_condition_image_bytes=self.max_condition_image_bytes,
+        )
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(
