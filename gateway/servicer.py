@@ -14,6 +14,7 @@ from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 from servekit import validation
 from servekit.admission import Admission
 from servekit.errors import InvalidRequest, Unavailable
+from servekit.outcomes import counted
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -67,19 +68,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         raise Unavailable("decoder: no replica is SERVING")
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        outcome = "cancelled"
-        try:
-            async for event in self._generate(request, context):
-                yield event
-            outcome = "completed"
-        except InvalidRequest:
-            outcome = "invalid"
-            raise
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            metrics.REQUESTS.labels(outcome).inc()
+        async for event in counted(self._generate(request, context), metrics.REQUESTS):
+            yield event
 
     async def _generate(self, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()

@@ -12,6 +12,7 @@ from planner_service.images import decode_condition_image
 from servekit import validation
 from servekit.admission import Admission
 from servekit.errors import InvalidRequest, NotReady
+from servekit.outcomes import counted
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -93,16 +94,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         if not self.loaded:
             raise NotReady("the planner is loading its model; retry when its health is SERVING")
         job = job_from_proto(request, self.limits, self.engine.codebook_size)
-        outcome = "cancelled"
-        try:
-            async for chunk in self._plan(job, arrived):
-                yield chunk
-            outcome = "completed"
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            metrics.PLANS.labels(outcome).inc()
+        async for chunk in counted(self._plan(job, arrived), metrics.PLANS):
+            yield chunk
 
     async def _plan(self, job: PlanJob, arrived: float):
         async with self.admission.slot() as queue_seconds:
