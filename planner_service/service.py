@@ -47,6 +47,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
         register=lambda server: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, server),
         start=start,
         stop=engine.shutdown,
+        check=engine.check_health,
     )
 
 

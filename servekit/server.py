@@ -52,6 +52,8 @@ class ServiceSpec:
     register: Callable[[grpc.aio.Server], None]  # adds the servicers
     start: Callable[[], Awaitable[None]]  # loads and warms up the engine
     stop: Callable[[], Awaitable[None]]  # releases the engine
+    # raises while the engine cannot serve (e.g. vLLM's engine process died): readiness follows it
+    check: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -62,18 +64,22 @@ class ServerOptions:
     shutdown_grace_seconds: float
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    health_check_seconds: float = 5.0  # how often ServiceSpec.check runs once loaded
 
 
 class RunningServer:
     """A started server; `port` is the bound port (useful with port 0 in tests)."""
 
-    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, spec: ServiceSpec, port: int):
+    def __init__(self, server: grpc.aio.Server, health: health_aio.HealthServicer, spec: ServiceSpec, port: int,
+                 check_seconds: float):  # fmt: skip
         self.server = server
         self.health = health
         self.spec = spec
         self.port = port
         self.ready = asyncio.Event()
         self._stopped = False
+        self._check_seconds = check_seconds
+        self._monitor: asyncio.Task | None = None
 
     async def _set_ready(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -85,12 +91,34 @@ class RunningServer:
         await self._set_ready(True)
         self.ready.set()
         logger.info("ready: %s on port %d", ", ".join(self.spec.names), self.port)
+        if self.spec.check is not None:
+            self._monitor = asyncio.create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """Out of rotation while the engine's own check fails; back when it passes again."""
+        healthy = True
+        while True:
+            await asyncio.sleep(self._check_seconds)
+            try:
+                await self.spec.check()
+                ok = True
+            except Exception as error:  # noqa: BLE001 - any failure means: do not route here
+                ok = False
+                if healthy:
+                    logger.error("engine health check failed, NOT_SERVING: %s", error)
+            if ok != healthy and not self._stopped:
+                healthy = ok
+                await self._set_ready(ok)
+                if ok:
+                    logger.info("engine healthy again, SERVING")
 
     async def stop(self, grace: float) -> None:
         """Leave rotation, let in-flight calls finish within `grace` seconds, release the engine."""
         if self._stopped:
             return
         self._stopped = True
+        if self._monitor is not None:
+            self._monitor.cancel()
         await self._set_ready(False)
         logger.info("draining for up to %.0f s", grace)
         await self.server.stop(grace)
@@ -118,7 +146,7 @@ async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServ
     if port == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
-    running = RunningServer(server, health, spec, port)
+    running = RunningServer(server, health, spec, port, options.health_check_seconds)
     await running._set_ready(False)
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     return running

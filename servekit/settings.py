@@ -38,6 +38,7 @@ class ServerSettings:
     tls_cert_file: str = option("", "PEM certificate chain: serve TLS instead of plaintext")
     tls_key_file: str = option("", "PEM private key for --tls-cert-file")
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+    health_check_seconds: float = option(5.0, "how often the engine's own health is checked once loaded")
     min_side: int = option(Limits.min_side, "smallest width/height in pixels (a multiple of 32)")
     max_side: int = option(Limits.max_side, "largest width/height in pixels (a multiple of 32)")
     max_steps: int = option(Limits.max_steps, "most denoising steps a request may ask for")
@@ -50,6 +51,8 @@ class ServerSettings:
             raise ValueError("--tls-cert-file and --tls-key-file go together")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
+        if self.health_check_seconds <= 0:
+            raise ValueError("--health-check-seconds must be > 0")
         self.limits()  # raises on an inconsistent range
 
     def limits(self) -> Limits:
@@ -70,6 +73,7 @@ class ServerSettings:
             shutdown_grace_seconds=self.shutdown_grace_seconds,
             tls_cert_file=self.tls_cert_file,
             tls_key_file=self.tls_key_file,
+            health_check_seconds=self.health_check_seconds,
         )
 
 

@@ -14,9 +14,10 @@ from servekit.server import RunningServer, ServerOptions, ServiceSpec, start_ser
 class ServerThread:
     """`with ServerThread(make_spec) as server:` starts, loads and warms up; `server.address`."""
 
-    def __init__(self, make_spec: Callable[[], ServiceSpec], grace: float = 5.0):
+    def __init__(self, make_spec: Callable[[], ServiceSpec], grace: float = 5.0, check_seconds: float = 5.0):
         self._make_spec = make_spec
         self._grace = grace
+        self._check_seconds = check_seconds
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
@@ -29,7 +30,8 @@ class ServerThread:
         self._thread.start()
 
         async def boot():
-            options = ServerOptions(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_seconds=self._grace)
+            options = ServerOptions(host="127.0.0.1", port=0, metrics_port=0, shutdown_grace_seconds=self._grace,
+                                    health_check_seconds=self._check_seconds)  # fmt: skip
             running = await start_server(self._make_spec(), options)
             await running.load()
             return running
