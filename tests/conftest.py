@@ -14,3 +14,11 @@ def model_dir() -> Path:
     path = Path(os.environ.get("MODEL_DIR", REPO / ".cache" / "tiny-glm-image")).resolve()
     write_tiny_model(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pipe(model_dir):
+    """The monolithic reference pipeline on the tiny model, loaded once."""
+    from testkit.reference import load_pipeline
+
+    return load_pipeline(model_dir)

@@ -37,11 +37,6 @@ def client(cluster):
         yield c
 
 
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return reference.load_pipeline(model_dir)
-
-
 def metric(service, name: str, **labels) -> float:
     """One sample from a service's /metrics endpoint (0 when absent)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5) as reply:

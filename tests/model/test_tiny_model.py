@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import GlmImagePipeline
 from transformers import GlmImageForConditionalGeneration, GlmImageProcessor
 
 from testkit.tiny_model import CODEBOOK_SIZE, describe, write_tiny_model
@@ -53,11 +52,6 @@ def test_config_constraints(model_dir):
     rope = text["rope_parameters"]
     assert sum(rope["mrope_section"]) * 2 == head_dim * rope["partial_rotary_factor"]
     assert (ar["image_start_token_id"], ar["image_end_token_id"]) == (CODEBOOK_SIZE, CODEBOOK_SIZE + 1)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return GlmImagePipeline.from_pretrained(model_dir)
 
 
 def test_diffusers_generates_an_image(pipe):

@@ -53,13 +53,6 @@ def info(stub):
     return stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=10)
 
 
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    from testkit.reference import load_pipeline
-
-    return load_pipeline(model_dir)
-
-
 # -- building requests as the gateway forwards them -------------------------------------------------
 
 

@@ -5,8 +5,8 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
+from images import png
 from PIL import Image
 from plans import receive_plan
 from servers import SERVING, ServerThread, health_status
@@ -41,18 +41,6 @@ def planner(model_dir):
 def stub(planner):
     with grpc.insecure_channel(planner.address) as channel:
         yield planner_pb2_grpc.PlannerServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return reference.load_pipeline(model_dir)
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def plan_request(width=256, height=256, seed=7, temperature=None, images=(), prompt=PROMPT, sampling=None, **fields):

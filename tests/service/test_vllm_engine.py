@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
+from images import png
 from PIL import Image
 from plans import receive_plan
 from servers import SERVING, ServerThread, health_status
@@ -60,18 +60,6 @@ def planner(model_dir, engine):
 def stub(planner):
     with grpc.insecure_channel(planner.address) as channel:
         yield planner_pb2_grpc.PlannerServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return reference.load_pipeline(model_dir)
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def greedy_request(width, height, images=()) -> planner_pb2.PlanRequest:
