@@ -26,8 +26,7 @@ FORMATS = {common_pb2.IMAGE_FORMAT_UNSPECIFIED, common_pb2.IMAGE_FORMAT_PNG, com
 
 def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> ResolvedRequest:
     """Validates what the gateway can check without a model, and fills in request id and seed."""
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    validation.check_request_id(request.request_id)
     validation.check_prompt(request.prompt, limits)
     validation.check_size(request.width, request.height, limits)
     validation.check_steps_and_guidance(request, limits)

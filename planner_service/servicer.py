@@ -11,13 +11,11 @@ from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
 from planner_service.images import decode_condition_image
 from servekit import validation
 from servekit.admission import Admission
-from servekit.errors import InvalidRequest, NotReady
+from servekit.errors import NotReady
 from servekit.outcomes import counted
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
-
-MAX_REQUEST_ID_CHARS = 128
 
 
 def sampling_from_proto(sampling: common_pb2.PlanSampling, codebook_size: int) -> Sampling:
@@ -31,8 +29,7 @@ def sampling_from_proto(sampling: common_pb2.PlanSampling, codebook_size: int) -
 
 def job_from_proto(request: planner_pb2.PlanRequest, limits: Limits, codebook_size: int) -> PlanJob:
     """Validates a PlanRequest (InvalidRequest naming the rule) and turns it into a PlanJob."""
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    validation.check_request_id(request.request_id)
     validation.check_prompt(request.prompt, limits)
     validation.check_size(request.width, request.height, limits)
     sampling = sampling_from_proto(request.sampling, codebook_size)

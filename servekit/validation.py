@@ -45,6 +45,14 @@ class Limits:
         )
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+
+
 def check_size(width: int, height: int, limits: Limits) -> None:
     for name, value in (("width", width), ("height", height)):
         if value % SIZE_MULTIPLE or not limits.min_side <= value <= limits.max_side:
