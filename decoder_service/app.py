@@ -23,6 +23,8 @@ def make_service(settings: DecoderSettings, engine: DecoderEngine | None = None)
         RunnerOptions(
             max_concurrent_decodes=settings.max_concurrent_decodes,
             max_queued=settings.max_queued,
+            plan_stall_timeout_s=settings.plan_stall_timeout_seconds,
+            heartbeat_s=settings.heartbeat_seconds,
             chunk_bytes=settings.chunk_bytes,
             png_compress_level=settings.png_compress_level,
             warm_up=settings.warm_up,

@@ -16,7 +16,7 @@ DECODE_SECONDS = Histogram(
     buckets=_LONG_BUCKETS,
 ).labels(STAGE)  # fmt: skip
 QUEUE_SECONDS = Histogram(
-    "glmimage_decoder_queue_seconds", "Time a Decode call waited for a decode slot", ["stage"],
+    "glmimage_decoder_queue_seconds", "Time a complete plan waited for a denoising slot", ["stage"],
     buckets=_LONG_BUCKETS,
 ).labels(STAGE)  # fmt: skip
 TAIL_SECONDS = Histogram(

@@ -2,13 +2,18 @@
 cancellation and deadlines. No gRPC and no torch: it speaks the domain types of `domain.py`.
 
 One Decode call:
-  spec (validated) -> slot -> engine.prepare starts in the worker while plan chunks are read
-  -> header: engine.add_conditions (i2i) -> plan complete: engine.begin, then engine.step with a
-  Progress after each -> engine.finish (VAE) -> the image encoded -> ImageChunks -> Completed.
-A bad chunk, a failed job or the end of the stream before the plan is complete ends the call with
-that error at once; chunks that arrive while it denoises are still checked. Between two steps the
-call checks its deadline; a cancelled call (client gone, deadline, error) frees its slot only once
-the worker has finished the job in progress, so it stops within one step.
+  spec (validated) -> a place among the calls waiting (RESOURCE_EXHAUSTED when none is left)
+  -> engine.prepare starts in the worker while plan chunks are read -> header: engine.add_conditions
+  (i2i) -> plan complete -> a denoising slot (heartbeats while waiting for it) -> engine.begin, then
+  engine.step with a Progress after each -> engine.finish (VAE) -> the image encoded -> ImageChunks
+  -> Completed.
+The slot is taken only once the plan is complete, so the device never idles while a plan is still
+being written. A bad chunk, a failed job, the end of the stream before the plan is complete, or no
+plan chunk for `plan_stall_timeout_s` ends the call with that error at once; chunks that arrive
+while it denoises are still checked. Between two steps the call checks its deadline, and it gives
+up before taking a slot when the steps cannot finish in time; a cancelled call (client gone,
+deadline, error) frees its slot only once the worker has finished the job in progress, so it stops
+within one step.
 
 All engine work runs as jobs on one worker thread, in the order submitted: the steps of concurrent
 calls (max_concurrent_decodes > 1) interleave one by one, and one call's preparation runs between
@@ -38,8 +43,8 @@ from decoder_service.domain import (
 from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.images import chunks, encode_image
 from decoder_service.plan import PlanAssembler, PlanExpectations
-from servekit.admission import Admission
-from servekit.errors import DeadlineExceeded, NotReady
+from servekit.admission import Admission, Ticket
+from servekit.errors import DeadlineExceeded, NotReady, Stalled
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunnerOptions:
     max_concurrent_decodes: int = 1
-    max_queued: int = 8
+    max_queued: int = 8  # calls admitted without a slot: preparing, waiting for their plan or a slot
+    plan_stall_timeout_s: float = 60.0
+    heartbeat_s: float = 5.0
     chunk_bytes: int = 1024 * 1024
     png_compress_level: int = 1
     warm_up: bool = True
@@ -62,6 +69,8 @@ class DecodeRunner:
         # The one thread that runs engine work: torch never runs on the event loop.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder-worker")
         self._ready = False
+        # the last measured step time per image size: to refuse work that cannot meet its deadline
+        self.step_seconds: dict[tuple[int, int], float] = {}
 
     @property
     def info(self) -> EngineInfo:
@@ -109,10 +118,8 @@ class DecodeRunner:
         info = self.info
         started = time.perf_counter()
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        async with self.admission.slot() as queue_seconds:
-            metrics.QUEUE_SECONDS.observe(queue_seconds)
-            call = _Call(self, job, items, deadline, info, started)
-            call.timings.queue_seconds = queue_seconds
+        async with self.admission.ticket() as ticket:
+            call = _Call(self, job, items, deadline, info, started, ticket)
             try:
                 async for event in call.run():
                     yield event
@@ -124,10 +131,10 @@ class DecodeRunner:
 class _Call:
     """The state of one Decode call while it holds a slot."""
 
-    def __init__(
-        self, runner: DecodeRunner, job: DecodeJob, items, deadline: float | None, info: EngineInfo, started: float
-    ):
+    def __init__(self, runner: DecodeRunner, job: DecodeJob, items, deadline: float | None, info: EngineInfo,
+                 started: float, ticket: Ticket):  # fmt: skip
         self.runner = runner
+        self.ticket = ticket
         self.engine = runner.engine
         self.job = job
         self.items = items
@@ -181,9 +188,27 @@ class _Call:
         self.watch.discard(future)
         return future.result()
 
+    async def _next_item(self, items) -> PlanItem:
+        """The next chunk; while the plan is incomplete, one must come within the stall timeout."""
+        if self.plan.done():
+            return await anext(items)
+        timeout = self.runner.options.plan_stall_timeout_s
+        try:
+            return await asyncio.wait_for(anext(items), timeout)
+        except TimeoutError:
+            raise Stalled(
+                f"no plan chunk arrived for {timeout:g} s while the plan was incomplete; the call was ended to "
+                "free its place (the decoder's --plan-stall-timeout-seconds)"
+            ) from None
+
     async def _read(self) -> None:
         """Feeds every chunk to the assembler until the client closes its side of the stream."""
-        async for item in self.items:
+        items = aiter(self.items)
+        while True:
+            try:
+                item = await self._next_item(items)
+            except StopAsyncIteration:
+                break
             self.assembler.add(item)
             if self.assembler.header is not None and not self.header.done():
                 self.header.set_result(self.assembler.header)
@@ -208,6 +233,8 @@ class _Call:
             )
             await self._until(conditions)
         plan = await self._until(self.plan)
+        async for heartbeat in self._take_slot():
+            yield heartbeat
 
         total = await self._until(self._submit(engine.begin, prepared, plan.target_ids, timing="denoising_seconds"))
         for done in range(1, total + 1):
@@ -215,7 +242,9 @@ class _Call:
                 raise DeadlineExceeded(f"the deadline passed after {done - 1} of {total} denoising steps")
             begin = time.perf_counter()
             await self._until(self._submit(engine.step, prepared, timing="denoising_seconds"))
-            metrics.DENOISE_STEP_SECONDS.observe(time.perf_counter() - begin)
+            step_seconds = time.perf_counter() - begin
+            self.runner.step_seconds[(job.width, job.height)] = step_seconds
+            metrics.DENOISE_STEP_SECONDS.observe(step_seconds)
             yield Progress(done, total)
         image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
         encoded = await self._until(
@@ -238,6 +267,41 @@ class _Call:
             request_id=job.request_id, width=job.width, height=job.height, seed=job.seed, format=job.output_format,
             sha256=encoded.sha256, size_bytes=len(encoded.data), plan_tokens=len(plan.target_ids), timings=t,
         )  # fmt: skip
+
+    def _check_time_left(self) -> None:
+        """DEADLINE_EXCEEDED now, rather than a slot held for steps that cannot finish in time."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        step = self.runner.step_seconds.get((self.job.width, self.job.height), 0.0)
+        if left <= self.job.steps * step:
+            raise DeadlineExceeded(
+                f"{self.job.steps} denoising steps take about {self.job.steps * step:.1f} s here and the deadline "
+                f"is {max(left, 0):.1f} s away"
+            )
+
+    async def _take_slot(self) -> AsyncIterator[Progress]:
+        """Waits for a denoising slot in arrival order, a heartbeat every `heartbeat_s` meanwhile."""
+        self._check_time_left()
+        waiting = asyncio.ensure_future(self.ticket.start())
+        try:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting, *self.watch}, timeout=self.runner.options.heartbeat_s,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                for finished in done - {waiting}:
+                    self.watch.discard(finished)
+                    if not finished.cancelled() and finished.exception() is not None:
+                        raise finished.exception()
+                if not done:
+                    self._check_time_left()
+                    yield Progress(0, self.job.steps)
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        self.timings.queue_seconds = waiting.result()
+        metrics.QUEUE_SECONDS.observe(self.timings.queue_seconds)
+        self._check_time_left()
 
     def _raise_if_failed(self) -> None:
         if self.reader.done() and not self.reader.cancelled() and self.reader.exception() is not None:

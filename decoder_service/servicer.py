@@ -176,4 +176,5 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             version=package_version(),
             default_num_inference_steps=self.default_steps,
             default_guidance_scale=self.default_guidance_scale,
+            load=self.runner.admission.load(),
         )

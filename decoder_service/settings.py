@@ -26,7 +26,14 @@ class DecoderSettings(ServerSettings):
         1, "decodes in flight per model instance; they share one worker thread step by step, so a decode "
         "waiting for its plan leaves the device to the others",
     )  # fmt: skip
-    max_queued: int = option(8, "decodes waiting for a slot; beyond this RESOURCE_EXHAUSTED")
+    max_queued: int = option(
+        8, "decodes admitted without a denoising slot (preparing, waiting for their plan or a slot; each holds "
+        "prepared state in memory); beyond this RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    plan_stall_timeout_seconds: float = option(
+        60.0, "a call whose plan is incomplete and gets no chunk for this long is ended (ABORTED)"
+    )
+    heartbeat_seconds: float = option(5.0, "a complete plan waiting for a slot sends Progress(done=0) this often")
     default_steps: int = option(50, "denoising steps when a request leaves them unset")
     default_guidance_scale: float = option(1.5, "CFG scale when a request leaves it unset")
     chunk_bytes: int = option(MAX_CHUNK_BYTES, "size of the image chunks streamed back (at most 1 MiB)")
@@ -41,8 +48,10 @@ class DecoderSettings(ServerSettings):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_concurrent_decodes < 1:
             raise ValueError("--max-concurrent-decodes must be >= 1")
-        if self.max_queued < 0:
-            raise ValueError("--max-queued must be >= 0")
+        if self.max_queued < 1:
+            raise ValueError("--max-queued must be >= 1 (every call waits without a slot until its plan is complete)")
+        if self.plan_stall_timeout_seconds <= 0 or self.heartbeat_seconds <= 0:
+            raise ValueError("--plan-stall-timeout-seconds and --heartbeat-seconds must be > 0")
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"--chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}")
         if not 0 <= self.png_compress_level <= 9:

@@ -142,4 +142,5 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             engine=self.engine.name,
             limits=self.limits.to_proto(),
             version=self.version,
+            load=self.admission.load(),
         )

@@ -54,6 +54,12 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Stalled(ServiceError):
+    """The other side stopped sending what the call waits for; the call is ended to free its place."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class UpstreamError(ServiceError):
     """A status from another service, passed on unchanged (code and message)."""
 

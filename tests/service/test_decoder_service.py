@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a shop sign that says 'OPEN' and “24h”"
 CHUNK_BYTES = 64 * 1024
 LONG = 500  # steps: seconds of denoising, for calls that are stopped early
+STALL_SECONDS = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def server(model_dir):
     settings = DecoderSettings(
         model=str(model_dir), port=0, metrics_port=0, min_side=256, max_side=512, default_steps=2,
         max_steps=LONG, max_concurrent_decodes=1, max_queued=1, chunk_bytes=CHUNK_BYTES,
+        plan_stall_timeout_seconds=STALL_SECONDS,
     )  # fmt: skip
     with ServerThread(lambda: make_service(settings)) as running:
         yield running
@@ -370,22 +372,36 @@ def wait_for_admission(in_flight: int, queued: int, timeout: float = 10.0) -> No
         time.sleep(0.02)
 
 
-def test_beyond_the_queue_is_resource_exhausted(stub, info):
-    """One decode in flight (max 1) and one queued (max 1): the third is refused at once."""
-    running, queued = OpenDecode(stub), OpenDecode(stub)
-    running.send(spec(), header(info))  # holds the slot: its plan never completes
+def test_beyond_the_waiting_places_is_resource_exhausted(stub, info):
+    """One decode denoising (1 slot) and one waiting for its plan (1 place): the third is refused at once."""
+    running, waiting = OpenDecode(stub), OpenDecode(stub)
+    running.send(spec(steps=LONG), *plan_stream(info, IDS))  # a complete plan: takes the slot
+    running.close_requests()
     wait_for_admission(in_flight=1, queued=0)
-    queued.send(spec())
+    waiting.send(spec(), header(info))  # prepares without a slot while its plan is incomplete
     wait_for_admission(in_flight=1, queued=1)
     with pytest.raises(grpc.RpcError) as caught:
         decode(stub, [spec(), *plan_stream(info, IDS)], timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "at capacity" in caught.value.details()
     running.call.cancel()
-    queued.send(*plan_stream(info, IDS))
-    queued.close_requests()
-    events = queued.finish()
-    assert events[-1].HasField("completed")  # the queued one ran once the slot was freed
+    waiting.send(*plan_stream(info, IDS)[1:])
+    waiting.close_requests()
+    events = waiting.finish()
+    assert events[-1].HasField("completed")  # the waiting one ran once the slot was freed
+
+
+def test_a_stream_that_sends_no_plan_is_ended_and_frees_its_place(stub, info, server):
+    """A spec and then nothing: ABORTED after the stall timeout, not a place held forever."""
+    silent = OpenDecode(stub)
+    silent.send(spec())
+    started = time.monotonic()
+    silent.finish()
+    assert silent.error is not None and silent.error.code() == grpc.StatusCode.ABORTED
+    assert "no plan chunk arrived for" in silent.error.details()
+    assert time.monotonic() - started < STALL_SECONDS + 3
+    wait_for_admission(in_flight=0, queued=0)
+    assert health_status(server.address) == SERVING
 
 
 def test_cancel_mid_denoise_frees_the_slot_within_a_step(stub, info):

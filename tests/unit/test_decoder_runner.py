@@ -20,7 +20,7 @@ from decoder_service.domain import (
 )
 from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.runner import DecodeRunner, RunnerOptions
-from servekit.errors import DeadlineExceeded, InvalidRequest, NotReady
+from servekit.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Stalled
 
 pytestmark = pytest.mark.unit
 
@@ -316,3 +316,116 @@ def test_concurrent_calls_share_the_worker_step_by_step():
     assert len(b_steps) == 5
     assert all(calls[i - 1] == "step:a" for i in b_steps[1:])  # then one step each, alternating
     assert calls.index("release:b") < calls.index("finish:a")  # the short one was not held up
+
+
+def test_a_call_waiting_for_its_plan_holds_no_denoising_slot():
+    """One slot: a call whose plan is still streaming must not keep a call with a complete plan waiting."""
+    engine = ScriptedEngine()
+    release_slow = asyncio.Event()
+
+    async def main():
+        runner = await started_runner(engine, max_concurrent_decodes=1, max_queued=2)
+
+        async def slow_items():
+            yield header()
+            await release_slow.wait()
+            yield target()
+
+        async def fast_items():
+            yield header()
+            yield target()
+
+        slow = asyncio.create_task(collect(runner, job(request_id="slow"), slow_items()))
+        await wait_for(engine.prepared)
+        fast = await collect(runner, job(request_id="fast"), fast_items())
+        assert isinstance(fast[-1], Completed) and not slow.done()
+        assert (runner.admission.in_flight, runner.admission.queued) == (0, 1)  # slow: prepared, no slot
+        release_slow.set()
+        assert isinstance((await slow)[-1], Completed)
+
+    run(main())
+    assert engine.calls.index("finish:fast") < engine.calls.index("step:slow")
+
+
+def test_calls_beyond_the_waiting_places_are_refused_at_once():
+    never = asyncio.Event()
+
+    async def main():
+        runner = await started_runner(ScriptedEngine(), max_concurrent_decodes=1, max_queued=1)
+
+        async def waiting_items():
+            yield header()
+            await never.wait()
+
+        waiting = asyncio.create_task(collect(runner, job(request_id="waiting"), waiting_items()))
+        while runner.admission.queued == 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="at capacity"):
+            await collect(runner, job(request_id="refused"), waiting_items())
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert runner.admission.queued == 0
+
+    run(main())
+
+
+def test_a_plan_that_stops_arriving_ends_the_call_and_frees_its_place():
+    never = asyncio.Event()
+
+    async def main():
+        runner = await started_runner(ScriptedEngine(), plan_stall_timeout_s=0.3)
+
+        async def stalled_items():
+            yield header()
+            await never.wait()
+
+        started = time.monotonic()
+        with pytest.raises(Stalled, match="no plan chunk arrived for 0.3 s"):
+            await collect(runner, job(), stalled_items())
+        assert time.monotonic() - started < 2.0
+        assert (runner.admission.in_flight, runner.admission.queued) == (0, 0)
+
+    run(main())
+
+
+def test_a_complete_plan_waiting_for_a_slot_sends_heartbeats():
+    engine = ScriptedEngine(step_seconds=0.2)
+
+    async def main():
+        runner = await started_runner(engine, max_concurrent_decodes=1, heartbeat_s=0.1)
+
+        async def items():
+            yield header()
+            yield target()
+
+        busy = asyncio.create_task(collect(runner, job(steps=3, request_id="busy"), items()))
+        while runner.admission.in_flight == 0:
+            await asyncio.sleep(0.01)
+        waiting = await collect(runner, job(steps=2, request_id="waiting"), items())
+        await busy
+        return waiting
+
+    events = run(main())
+    progress = [e for e in events if isinstance(e, Progress)]
+    heartbeats = [p for p in progress if p.done == 0]
+    assert len(heartbeats) >= 2 and all(p.total == 2 for p in heartbeats)
+    assert progress[len(heartbeats) :] == [Progress(1, 2), Progress(2, 2)]
+
+
+def test_steps_that_cannot_meet_the_deadline_are_refused_before_taking_a_slot():
+    engine = ScriptedEngine(step_seconds=0.2)
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items():
+            yield header()
+            yield target()
+
+        await collect(runner, job(steps=1, request_id="measure"), items())  # the runner learns the step time
+        steps_before = engine.steps_run
+        with pytest.raises(DeadlineExceeded, match="denoising steps take about"):
+            await collect(runner, job(steps=10, request_id="late"), items(), time_remaining=1.0)
+        assert engine.steps_run == steps_before
+
+    run(main())
