@@ -358,7 +358,7 @@ def test_calls_beyond_the_waiting_places_are_refused_at_once():
             await never.wait()
 
         waiting = asyncio.create_task(collect(runner, job(request_id="waiting"), waiting_items()))
-        while runner.admission.queued == 0:
+        while runner.admission.queued == 0:  # noqa: ASYNC110 - polls a counter
             await asyncio.sleep(0.01)
         with pytest.raises(Overloaded, match="at capacity"):
             await collect(runner, job(request_id="refused"), waiting_items())
@@ -399,7 +399,7 @@ def test_a_complete_plan_waiting_for_a_slot_sends_heartbeats():
             yield target()
 
         busy = asyncio.create_task(collect(runner, job(steps=3, request_id="busy"), items()))
-        while runner.admission.in_flight == 0:
+        while runner.admission.in_flight == 0:  # noqa: ASYNC110 - polls a counter
             await asyncio.sleep(0.01)
         waiting = await collect(runner, job(steps=2, request_id="waiting"), items())
         await busy
