@@ -1,12 +1,18 @@
 """One Generate request, chained through a planner and a decoder.
 
 The planner's chunks go to the decoder as they arrive and are kept, so that:
-- a decoder that fails (at any point) is replaced by another one, which gets the kept plan
-  replayed: the AR stage does not run again;
-- a planner that fails (before or during its plan) is replaced by another one, and the decoder
-  restarts on the new plan.
-Both are bounded by the request's deadline and each stage's attempt budget. Image chunks are
-released to the client when the decoder completes, so a replay never duplicates image bytes.
+- a decoder that fails (at any point, or stops sending events while it holds the whole plan) is
+  replaced by another one, which gets the kept plan replayed: the AR stage does not run again;
+- a planner that fails or stalls (before or during its plan) is replaced by another one, and the
+  decoder restarts on the new plan.
+Both are bounded by the request's deadline and each stage's attempt budget. A stage that answers
+RESOURCE_EXHAUSTED is busy, not broken: the request waits for room again without using an attempt.
+
+Binding to a decoder: the request waits for a decoder once its plan is nearly done, i.e. when the
+tokens left at the rate seen so far take less than `options.bind_lead_s` (or the plan is complete),
+so it is bound to the decoder that is free soonest while its preparation still overlaps the end of
+the plan stream. Image chunks are released to the client when the decoder completes, so a replay
+never duplicates image bytes.
 """
 
 import asyncio
@@ -23,8 +29,16 @@ from servekit.errors import ServiceError, Unavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-# Worth another replica: the replica is gone, overloaded, or shedding the request.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+# Worth another replica: the replica is gone or shedding the request. (RESOURCE_EXHAUSTED: busy, wait.)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    planner_attempts: int = 3
+    decoder_attempts: int = 3
+    bind_lead_s: float = 1.0  # bind to a decoder when the plan has about this long left (inf: at once)
+    stall_s: float = 30.0  # a stage that should be working and sends nothing for this long has failed
 
 
 @dataclass
@@ -64,6 +78,10 @@ class _PlanRestarted(Exception):
     """The decoder's plan was withdrawn: a planner failed and another one starts over."""
 
 
+class _Stalled(Exception):
+    """A stage sent nothing for `stall_s` while it should have been working."""
+
+
 @dataclass
 class _Failed:
     error: BaseException
@@ -78,20 +96,34 @@ def _progress(stage: int, done: int, total: int) -> image_service_pb2.GenerateEv
     return image_service_pb2.GenerateEvent(progress=common_pb2.Progress(stage=stage, done=done, total=total))
 
 
+def _describe(error: BaseException) -> str:
+    return error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)
+
+
+async def _next(iterator, within: float | None):
+    """The next item of a call's stream; _Stalled when none comes within `within` seconds."""
+    try:
+        return await asyncio.wait_for(anext(iterator), within)
+    except TimeoutError:
+        raise _Stalled(f"no event for {within:g} s") from None
+
+
 class Chain:
-    def __init__(self, request: ResolvedRequest, planners: ReplicaPool, decoders: ReplicaPool,
-                 deadline: float, planner_attempts: int, decoder_attempts: int):  # fmt: skip
+    def __init__(self, request: ResolvedRequest, planners: ReplicaPool, decoders: ReplicaPool, arrival: float,
+                 deadline: float, options: ChainOptions):  # fmt: skip
         self.request = request
         self.planners = planners
         self.decoders = decoders
+        self.arrival = arrival  # time.monotonic() at admission: the request's place in the stage queues
         self.deadline = deadline  # time.monotonic() by which everything must be done
-        self.planner_attempts = planner_attempts
-        self.decoder_attempts = decoder_attempts
+        self.options = options
         self.metadata = (("x-request-id", request.request_id),)
         self.events: asyncio.Queue = asyncio.Queue()
         # the plan as received so far; `epoch` counts planner restarts
         self.plan: list[planner_pb2.PlanChunk] = []
         self.plan_complete = False
+        self.plan_tokens = (0, 0)  # (received, total) of this epoch
+        self.plan_started_at = 0.0  # first token of this epoch
         self.epoch = 0
         self.plan_changed = asyncio.Condition()
         self.decode_call: grpc.aio.StreamStreamCall | None = None
@@ -100,7 +132,6 @@ class Chain:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.plan_done_at: float | None = None
-        self.plan_summary: planner_pb2.PlanSummary | None = None
 
     def _remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
@@ -110,67 +141,106 @@ class Chain:
 
     def _exhausted(self, stage: str, attempts: int, last: BaseException | None) -> Unavailable:
         detail = f" (last error: {last.details()})" if isinstance(last, grpc.aio.AioRpcError) else ""
+        if isinstance(last, _Stalled):
+            detail = f" (last error: {last})"
         return Unavailable(f"{stage}: no replica could serve the request after {attempts} attempt(s){detail}")
+
+    async def _run_stage(self, stage: str, pool: ReplicaPool, attempts: int, once, on_failure):
+        """Runs `once(replica)` on replicas leased from `pool` until it succeeds: a busy replica
+        (RESOURCE_EXHAUSTED) means wait again, a failed or stalled one means the next attempt."""
+        tried: set[str] = set()
+        last: BaseException | None = None
+        used = 0
+        while used < attempts:
+            replica = await pool.lease(self.arrival, tried, self.deadline)
+            try:
+                result = await once(replica)
+                return result, used + 1
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    pool.overloaded(replica)
+                    continue
+                if error.code() not in RETRYABLE:
+                    raise self._error(stage, error) from None
+                last = error
+            except _Stalled as error:
+                last = error
+            finally:
+                pool.release(replica)
+            used += 1
+            tried.add(replica.address)
+            logger.warning("%s: %s %s failed (%s); trying another", self.request.request_id, stage,
+                           replica.host_port, _describe(last))  # fmt: skip
+            pool.failed(replica)
+            metrics.RETRIES.labels(stage).inc()
+            await on_failure()
+        raise self._exhausted(stage, used, last)
 
     # ---------------------------------------------------------------- planner side
     async def _plan_once(self, replica: Replica) -> None:
-        total = 0
-        done = 0
         call = replica.stub.Plan(self.request.plan_request(), timeout=self._remaining(), metadata=self.metadata)
-        async for chunk in call:
-            kind = chunk.WhichOneof("chunk")
-            if kind == "header":
-                h = chunk.header
-                total = h.preview_rows * h.preview_cols + h.target_rows * h.target_cols
-            elif kind == "tokens":
-                self.first_token_at = self.first_token_at or time.perf_counter()
-                done += len(chunk.tokens.ids)
-                await self.events.put(_progress(common_pb2.STAGE_PLANNING, done, total))
-            else:
-                self.plan_summary = chunk.summary
-            async with self.plan_changed:
-                self.plan.append(chunk)
-                self.plan_changed.notify_all()
+        chunks = aiter(call)
+        try:
+            while True:
+                try:
+                    chunk = await _next(chunks, self.options.stall_s)
+                except StopAsyncIteration:
+                    break
+                await self._add_chunk(chunk)
+        except BaseException:
+            call.cancel()
+            raise
         async with self.plan_changed:
             self.plan_complete = True
             self.plan_done_at = time.perf_counter()
             self.plan_changed.notify_all()
 
+    async def _add_chunk(self, chunk: planner_pb2.PlanChunk) -> None:
+        kind = chunk.WhichOneof("chunk")
+        async with self.plan_changed:
+            if kind == "header":
+                h = chunk.header
+                self.plan_tokens = (0, h.preview_rows * h.preview_cols + h.target_rows * h.target_cols)
+            elif kind == "tokens":
+                now = time.perf_counter()
+                self.first_token_at = self.first_token_at or now
+                self.plan_started_at = self.plan_started_at or now
+                self.plan_tokens = (self.plan_tokens[0] + len(chunk.tokens.ids), self.plan_tokens[1])
+            self.plan.append(chunk)
+            self.plan_changed.notify_all()
+        if kind == "tokens":
+            await self.events.put(_progress(common_pb2.STAGE_PLANNING, *self.plan_tokens))
+
     async def _restart_plan(self) -> None:
         async with self.plan_changed:
             self.plan, self.plan_complete, self.epoch = [], False, self.epoch + 1
+            self.plan_tokens, self.plan_started_at = (0, 0), 0.0
             self.plan_changed.notify_all()
         if self.decode_call is not None:
             self.decode_call.cancel()
 
     async def _run_planner(self) -> None:
-        tried: set[Replica] = set()
-        last: BaseException | None = None
-        while self.planners_used < self.planner_attempts:
-            replica = self.planners.choose(tried)
-            if replica is None:
-                break
-            tried.add(replica)
-            self.planners_used += 1
-            replica.outstanding += 1
-            try:
-                await self._plan_once(replica)
-                return
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE:
-                    raise self._error("planner", error) from None
-                logger.warning("%s: planner %s failed (%s); retrying", self.request.request_id, replica.target,
-                               error.code().name)  # fmt: skip
-                replica.mark_failed()
-                metrics.RETRIES.labels("planner").inc()
-                last = error
-                await self._restart_plan()
-            finally:
-                replica.outstanding -= 1
-        raise self._exhausted("planner", self.planners_used, last)
+        _, self.planners_used = await self._run_stage(
+            "planner", self.planners, self.options.planner_attempts, self._plan_once, self._restart_plan
+        )
 
     # ---------------------------------------------------------------- decoder side
-    async def _feed(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
+    def _near_done(self) -> bool:
+        """The plan is complete, or its tokens left take less than the bind lead at the rate so far."""
+        if self.plan_complete:
+            return True
+        done, total = self.plan_tokens
+        if done < 2:
+            return self.options.bind_lead_s == float("inf")
+        rate = done / max(time.perf_counter() - self.plan_started_at, 1e-6)
+        return (total - done) / rate <= self.options.bind_lead_s
+
+    async def _wait_to_bind(self) -> None:
+        # re-checked at each chunk: chunks come at least every few tens of milliseconds
+        async with self.plan_changed:
+            await self.plan_changed.wait_for(self._near_done)
+
+    async def _feed(self, call: grpc.aio.StreamStreamCall, epoch: int, fed: asyncio.Event) -> None:
         await call.write(decoder_pb2.DecodeRequest(spec=self.request.decode_spec()))
         sent = 0
         while True:
@@ -186,18 +256,27 @@ class Chain:
             sent += len(pending)
             if complete and sent == len(self.plan):
                 await call.done_writing()
+                fed.set()
                 return
 
-    async def _decode_once(self, replica: Replica, epoch: int) -> common_pb2.Completed:
+    async def _decode_once(self, replica: Replica) -> common_pb2.Completed:
+        epoch = self.epoch
         call = replica.stub.Decode(timeout=self._remaining(), metadata=self.metadata)
         self.decode_call = call
-        feeder = asyncio.create_task(self._feed(call, epoch))
+        fed = asyncio.Event()  # the decoder holds the whole plan: from now on it must keep sending events
+        feeder = asyncio.create_task(self._feed(call, epoch, fed))
+        events = aiter(call)
         image: list[bytes] = []
         try:
-            while (event := await call.read()) is not grpc.aio.EOF:
+            while True:
+                try:
+                    event = await _next(events, self.options.stall_s if fed.is_set() else None)
+                except StopAsyncIteration:
+                    break
                 kind = event.WhichOneof("event")
                 if kind == "progress":
-                    await self.events.put(image_service_pb2.GenerateEvent(progress=event.progress))
+                    if event.progress.done:  # done == 0: a heartbeat while it waits for a slot
+                        await self.events.put(image_service_pb2.GenerateEvent(progress=event.progress))
                 elif kind == "image_chunk":
                     image.append(event.image_chunk.data)
                 else:
@@ -218,36 +297,24 @@ class Chain:
                 raise _PlanRestarted() from None
             raise
         finally:
+            call.cancel()
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
             self.decode_call = None
 
     async def _run_decoder(self) -> common_pb2.Completed:
-        tried: set[Replica] = set()
-        last: BaseException | None = None
-        while self.decoders_used < self.decoder_attempts:
-            replica = self.decoders.choose(tried)
-            if replica is None:
-                break
-            tried.add(replica)
-            self.decoders_used += 1
-            replica.outstanding += 1
+        async def nothing() -> None:
+            return None
+
+        while True:
+            await self._wait_to_bind()
             try:
-                return await self._decode_once(replica, self.epoch)
+                completed, self.decoders_used = await self._run_stage(
+                    "decoder", self.decoders, self.options.decoder_attempts, self._decode_once, nothing
+                )
+                return completed
             except _PlanRestarted:
-                self.decoders_used -= 1  # not the decoder's fault
-                tried.discard(replica)
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE:
-                    raise self._error("decoder", error) from None
-                logger.warning("%s: decoder %s failed (%s); replaying the plan elsewhere", self.request.request_id,
-                               replica.target, error.code().name)  # fmt: skip
-                replica.mark_failed()
-                metrics.RETRIES.labels("decoder").inc()
-                last = error
-            finally:
-                replica.outstanding -= 1
-        raise self._exhausted("decoder", self.decoders_used, last)
+                continue  # not the decoder's fault: bind again once the new plan is nearly done
 
     # ---------------------------------------------------------------- the whole request
     async def _guard(self, coroutine, done_factory=None) -> None:

@@ -17,7 +17,6 @@ from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 
 FORMATS = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
            "webp": common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -29,12 +28,8 @@ class GeneratedImage:
 
 class ImageClient:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None):
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.channel = (
-            grpc.secure_channel(address, credentials, options)
-            if credentials
-            else grpc.insecure_channel(address, options)
-        )
+        # No send limit of its own (gRPC's default): the gateway's limits decide what a request may hold.
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
 
     def generate(

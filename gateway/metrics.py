@@ -1,6 +1,6 @@
 """The gateway's Prometheus metrics (served on --metrics-port)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("glmimage_gateway_requests", "Generate requests, by outcome", ["outcome"])
 RETRIES = Counter("glmimage_gateway_retries", "Requests moved to another replica, by stage", ["stage"])
@@ -9,3 +9,8 @@ END_TO_END_SECONDS = Histogram("glmimage_gateway_end_to_end_seconds", "Accepted 
 FIRST_PLAN_TOKEN_SECONDS = Histogram(
     "glmimage_gateway_first_plan_token_seconds", "Accepted to the first plan token", buckets=LATENCY_BUCKETS
 )
+# Per-stage demand as this gateway sees it (what the stages' own gauges cannot see): scale on these.
+STAGE_WAITING = Gauge(
+    "glmimage_gateway_stage_waiting", "Admitted requests waiting for a replica of the stage with room", ["stage"]
+)
+STAGE_IN_SERVICE = Gauge("glmimage_gateway_stage_in_service", "Requests this gateway has on the stage", ["stage"])

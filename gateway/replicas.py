@@ -1,32 +1,36 @@
-"""Stage replicas: one gRPC channel per configured target, its health, and its load from here.
+"""Stage replicas: one per pod address, with its own channel, health, load and ServerInfo, and the
+gateway's queue of requests waiting for a replica with room.
 
-A target is what gRPC's own name resolution takes: `host:port`, or `dns:///name:port` for a
-Kubernetes headless Service. Within a target that resolves to several pods, gRPC's round_robin
-policy with client-side health checking spreads calls over the SERVING pods. Across targets, the
-gateway picks the SERVING one with the fewest requests outstanding from this gateway.
+Every target is re-resolved every `resolve_interval_s` and at once after a failure: a pod that
+appears behind the name gets a replica, one that vanished stops getting requests and is closed when
+its last request ends. Each replica's health and ServerInfo (with its load) are polled every
+`interval_s`; a draining pod (NOT_SERVING) gets no new requests.
+
+Backpressure lives here: `lease()` waits, in request arrival order and within the deadline, for a
+SERVING replica with room, room being the capacity the replica reports (planner: plans in flight;
+decoder: denoising slots, plus `lookahead` requests bound ahead so that the next one is ready when
+a slot frees) less the requests this gateway has on it. A replica that still answers
+RESOURCE_EXHAUSTED (other gateways share it) gets nothing more until its next poll.
 """
 
 import asyncio
-import json
+import bisect
+import itertools
 import logging
+import time
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import metrics
+from gateway.discovery import Target
 from glmimage.v1 import common_pb2
+from servekit.errors import DeadlineExceeded
 
 logger = logging.getLogger(__name__)
 
-SERVICE_CONFIG = json.dumps(
-    {
-        # Spread calls over every address a target resolves to, skipping pods whose
-        # grpc.health.v1 status is not SERVING.
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": ""},
-    }
-)
 CHANNEL_OPTIONS = [
-    ("grpc.service_config", SERVICE_CONFIG),
     # Condition images travel inside requests and images come back in <= 1 MiB chunks.
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -42,71 +46,208 @@ CHANNEL_OPTIONS = [
 
 
 class Replica:
-    def __init__(self, stage: str, target: str, stub_class, credentials: grpc.ChannelCredentials | None):
+    """One pod: `address` is a gRPC channel target such as `ipv4:10.0.0.5:50052`."""
+
+    def __init__(self, stage: str, address: str, target: Target, stub_class, credentials, lookahead: int):
         self.stage = stage
-        self.target = target
+        self.address = address
+        self.lookahead = lookahead
+        options = list(CHANNEL_OPTIONS)
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            if target.is_name:  # certificates name the Service, not the pod's IP
+                options += [("grpc.ssl_target_name_override", target.host), ("grpc.default_authority", str(target))]
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = stub_class(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
-        self.outstanding = 0
+        self.full = False  # answered RESOURCE_EXHAUSTED: no more requests until the next poll
+        self.retired = False  # gone from the name: no new requests, closed once idle
+        self.outstanding = 0  # requests this gateway has on it
         self.info: common_pb2.ServerInfo | None = None
+
+    @property
+    def host_port(self) -> str:
+        return self.address.split(":", 1)[1]
+
+    def room(self) -> int:
+        if not self.serving or self.full or self.retired or self.info is None:
+            return 0
+        return self.info.load.capacity + self.lookahead - self.outstanding
 
     async def poll(self, timeout_s: float) -> None:
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            if serving and self.info is None:
+            if serving:
                 self.info = await self.stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             serving = False
         if serving != self.serving:
-            logger.info("%s %s is %s", self.stage, self.target, "SERVING" if serving else "not serving")
+            logger.info("%s %s is %s", self.stage, self.host_port, "SERVING" if serving else "not serving")
             if not serving:
                 self.info = None  # a replica that comes back may run another version
         self.serving = serving
+        self.full = False
 
     def mark_failed(self) -> None:
         """Out of rotation until its next health check passes."""
         self.serving = False
 
 
+@dataclass(order=True)
+class _Waiter:
+    order: tuple[float, int]
+    future: asyncio.Future = field(compare=False)
+    avoid: frozenset = field(compare=False)
+
+
 class ReplicaPool:
-    def __init__(self, stage: str, targets: list[str], stub_class, credentials, interval_s: float):
+    def __init__(self, stage: str, targets: list[str], stub_class, credentials, interval_s: float,
+                 resolve_interval_s: float, lookahead: int = 0):  # fmt: skip
         self.stage = stage
-        self.replicas = [Replica(stage, t, stub_class, credentials) for t in targets]
+        self.targets = [Target.parse(t) for t in targets]
+        self.replicas: dict[str, Replica] = {}
+        self._retired: set[Replica] = set()
+        self._stub_class = stub_class
+        self._credentials = credentials
+        self._lookahead = lookahead
         self.interval_s = interval_s
+        self.resolve_interval_s = resolve_interval_s
         self._poller: asyncio.Task | None = None
         self._checked = asyncio.Event()
+        self._resolve_now = asyncio.Event()
+        self._waiters: list[_Waiter] = []
+        self._tiebreak = itertools.count()
+        self._waiting_gauge = metrics.STAGE_WAITING.labels(stage)
+        self._in_service_gauge = metrics.STAGE_IN_SERVICE.labels(stage)
+
+    # ------------------------------------------------------------ membership and health
+    async def _resolve(self) -> None:
+        found: dict[str, Target] = {}
+        for target in self.targets:
+            try:
+                for address in await target.resolve():
+                    found[address] = target
+            except OSError as error:
+                # keep what we had: a DNS hiccup must not empty the pool
+                logger.warning("%s: cannot resolve %s (%s); keeping %d known replicas", self.stage, target, error,
+                               len(self.replicas))  # fmt: skip
+                return
+        for address in sorted(found.keys() - self.replicas.keys()):
+            logger.info("%s: new replica %s (behind %s)", self.stage, address, found[address])
+            self.replicas[address] = Replica(self.stage, address, found[address], self._stub_class,
+                                             self._credentials, self._lookahead)  # fmt: skip
+        for address in self.replicas.keys() - found.keys():
+            replica = self.replicas.pop(address)
+            logger.info("%s: replica %s left its name; closing it once idle", self.stage, address)
+            replica.retired = True
+            self._retired.add(replica)
+            await self._close_if_idle(replica)
+
+    async def _close_if_idle(self, replica: Replica) -> None:
+        if replica.retired and replica.outstanding == 0 and replica in self._retired:
+            self._retired.discard(replica)
+            await replica.channel.close()
 
     async def _poll_forever(self) -> None:
+        resolved_at = -float("inf")
         while True:
-            await asyncio.gather(*(r.poll(timeout_s=max(self.interval_s, 1.0)) for r in self.replicas))
+            if self._resolve_now.is_set() or time.monotonic() - resolved_at >= self.resolve_interval_s:
+                self._resolve_now.clear()
+                resolved_at = time.monotonic()
+                await self._resolve()
+            replicas = list(self.replicas.values())
+            await asyncio.gather(*(r.poll(timeout_s=max(self.interval_s, 1.0)) for r in replicas))
             self._checked.set()
-            await asyncio.sleep(self.interval_s)
+            self._dispatch()
+            try:
+                await asyncio.wait_for(self._resolve_now.wait(), self.interval_s)
+            except TimeoutError:
+                pass
 
     def start(self) -> None:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def wait_serving(self) -> None:
-        while not any(r.serving for r in self.replicas):
+        while not self.serving():
             self._checked.clear()
             await self._checked.wait()
 
-    def choose(self, tried: set[Replica]) -> Replica | None:
-        """The SERVING replica with the fewest outstanding requests, preferring untried ones."""
-        serving = [r for r in self.replicas if r.serving]
-        fresh = [r for r in serving if r not in tried]
-        candidates = fresh or serving
-        return min(candidates, key=lambda r: r.outstanding) if candidates else None
+    def serving(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.serving]
 
-    def infos(self) -> list[tuple[str, common_pb2.ServerInfo | None]]:
-        return [(r.target, r.info) for r in self.replicas]
+    def failed(self, replica: Replica) -> None:
+        """A call on `replica` failed: out of rotation until it passes a health check; re-resolve now
+        (the pod may have been replaced under the same name)."""
+        replica.mark_failed()
+        self._resolve_now.set()
+
+    def overloaded(self, replica: Replica) -> None:
+        replica.full = True
+
+    def infos(self) -> list[tuple[Replica, common_pb2.ServerInfo | None]]:
+        return [(r, r.info) for r in self.replicas.values()]
+
+    # ------------------------------------------------------------ the queue
+    def _dispatch(self) -> None:
+        """Hands free room to waiters, first come first served."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            candidates = [r for r in self.replicas.values() if r.room() > 0]
+            if not candidates:
+                break
+            fresh = [r for r in candidates if r.address not in waiter.avoid]
+            # the fewest requests per unit of capacity: the one that will be free soonest
+            best = min(fresh or candidates, key=lambda r: (r.outstanding / max(r.info.load.capacity, 1),
+                                                           r.info.load.active + r.info.load.waiting))  # fmt: skip
+            self._waiters.pop(0)
+            best.outstanding += 1
+            waiter.future.set_result(best)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self._waiting_gauge.set(len(self._waiters))
+        in_service = sum(r.outstanding for r in self.replicas.values()) + sum(r.outstanding for r in self._retired)
+        self._in_service_gauge.set(in_service)
+
+    async def lease(self, arrival: float, avoid: set[str], deadline: float) -> Replica:
+        """A SERVING replica with room, once this request's turn comes (requests that arrived at the
+        gateway earlier go first). The caller must `release()` it."""
+        future = asyncio.get_running_loop().create_future()
+        waiter = _Waiter((arrival, next(self._tiebreak)), future, frozenset(avoid))
+        bisect.insort(self._waiters, waiter)
+        self._dispatch()
+        started = time.monotonic()
+        granted = False
+        try:
+            replica = await asyncio.wait_for(asyncio.shield(future), max(deadline - time.monotonic(), 0.0))
+            granted = True
+            return replica
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{self.stage}: the deadline passed after {time.monotonic() - started:.1f} s waiting for a replica "
+                f"with room ({len(self.serving())} SERVING)"
+            ) from None
+        finally:
+            if not granted and future.done() and not future.cancelled():
+                self.release(future.result())  # granted just as the wait ended
+            elif not granted:
+                future.cancel()
+                self._waiters.remove(waiter)
+            self._update_gauges()
+
+    def release(self, replica: Replica) -> None:
+        replica.outstanding -= 1
+        if replica.retired and replica.outstanding == 0:
+            asyncio.ensure_future(self._close_if_idle(replica))
+        self._dispatch()
 
     async def close(self) -> None:
         if self._poller:
             self._poller.cancel()
-        await asyncio.gather(*(r.channel.close() for r in self.replicas), return_exceptions=True)
+        for waiter in self._waiters:
+            waiter.future.cancel()
+        replicas = [*self.replicas.values(), *self._retired]
+        await asyncio.gather(*(r.channel.close() for r in replicas), return_exceptions=True)

@@ -7,6 +7,7 @@ from gateway.servicer import ImageServicer
 from gateway.settings import GatewaySettings
 from glmimage.v1 import decoder_pb2_grpc, image_service_pb2, image_service_pb2_grpc, planner_pb2_grpc
 from servekit.admission import Admission
+from servekit.errors import Unavailable
 from servekit.server import ServiceSpec, package_version
 
 SERVICE_NAME = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
@@ -20,25 +21,25 @@ def _stage_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | N
 
 
 def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
-    """Ready (SERVING) once at least one planner and one decoder replica are SERVING."""
+    """Ready (SERVING) while at least one planner and one decoder replica are SERVING."""
     pools: dict[str, ReplicaPool] = {}  # made in register(): aio channels need the running loop
 
     def register(server: grpc.aio.Server) -> None:
         credentials = _stage_credentials(settings)
-        interval = settings.health_interval_seconds
+        intervals = settings.health_interval_seconds, settings.resolve_interval_seconds
         pools["planner"] = ReplicaPool(
-            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, interval
+            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, *intervals
         )
         pools["decoder"] = ReplicaPool(
-            "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, credentials, interval
-        )
+            "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, credentials, *intervals,
+            lookahead=settings.decoder_lookahead,
+        )  # fmt: skip
         servicer = ImageServicer(
             planners=pools["planner"],
             decoders=pools["decoder"],
             admission=Admission("gateway", settings.max_in_flight, settings.max_queued),
             limits=settings.limits(),
-            planner_attempts=settings.planner_attempts,
-            decoder_attempts=settings.decoder_attempts,
+            chain_options=settings.chain_options(),
             default_timeout_s=settings.default_timeout_seconds,
             version=package_version(),
         )
@@ -50,8 +51,13 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
         for pool in pools.values():
             await pool.wait_serving()
 
+    async def check() -> None:
+        for stage, pool in pools.items():
+            if not pool.serving():
+                raise Unavailable(f"no {stage} replica is SERVING")
+
     async def stop() -> None:
         for pool in pools.values():
             await pool.close()
 
-    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop)
+    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop, check=check)

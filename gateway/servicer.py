@@ -8,7 +8,7 @@ import time
 import grpc
 
 from gateway import metrics
-from gateway.chain import Chain, ResolvedRequest
+from gateway.chain import Chain, ChainOptions, ResolvedRequest
 from gateway.replicas import ReplicaPool
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 from servekit import validation
@@ -49,22 +49,26 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def __init__(self, planners: ReplicaPool, decoders: ReplicaPool, admission: Admission, limits: Limits,
-                 planner_attempts: int, decoder_attempts: int, default_timeout_s: float, version: str):  # fmt: skip
+                 chain_options: ChainOptions, default_timeout_s: float, version: str):  # fmt: skip
         self.planners = planners
         self.decoders = decoders
         self.admission = admission
         self.limits = limits
-        self.planner_attempts = planner_attempts
-        self.decoder_attempts = decoder_attempts
+        self.chain_options = chain_options
+        self._defaults: tuple[int, float] | None = None
         self.default_timeout_s = default_timeout_s
         self.version = version
 
     def _decoder_defaults(self) -> tuple[int, float]:
-        """Steps and guidance the decoders use for unset fields (what `accepted` reports)."""
-        for _, info in self.decoders.infos():
+        """Steps and guidance the decoders use for unset fields (what `accepted` reports); the last
+        ones seen while no decoder is SERVING (the request waits for one)."""
+        for replica in self.decoders.serving():
+            info = replica.info
             if info is not None and info.default_num_inference_steps:
-                return info.default_num_inference_steps, info.default_guidance_scale
-        raise Unavailable("decoder: no replica is SERVING")
+                self._defaults = info.default_num_inference_steps, info.default_guidance_scale
+        if self._defaults is None:
+            raise Unavailable("decoder: no replica has been SERVING yet")
+        return self._defaults
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         async for event in counted(self._generate(request, context), metrics.REQUESTS):
@@ -76,6 +80,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         deadline = time.monotonic() + timeout
         resolved = resolve(request, self.limits)
         async with self.admission.slot():
+            arrival = time.monotonic()
             steps, guidance = self._decoder_defaults()
             if resolved.steps is None:
                 resolved.steps = steps
@@ -88,8 +93,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                     guidance_scale=resolved.guidance_scale,
                 )
             )  # fmt: skip
-            chain = Chain(resolved, self.planners, self.decoders, deadline, self.planner_attempts,
-                          self.decoder_attempts)  # fmt: skip
+            chain = Chain(resolved, self.planners, self.decoders, arrival, deadline, self.chain_options)
             async for event in chain.run():
                 yield event
 
@@ -97,11 +101,12 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         stages = []
         for role, pool in ((common_pb2.SERVICE_ROLE_PLANNER, self.planners),
                            (common_pb2.SERVICE_ROLE_DECODER, self.decoders)):  # fmt: skip
-            for target, info in pool.infos():
-                stage = common_pb2.ServerInfo(role=role, address=target)
+            for replica, info in pool.infos():
+                stage = common_pb2.ServerInfo(role=role)
                 if info is not None:
                     stage.CopyFrom(info)
-                    stage.address = target
+                stage.address = replica.host_port
+                stage.serving = replica.serving
                 stages.append(stage)
         planner_formats = {s.plan_format for s in stages if s.role == common_pb2.SERVICE_ROLE_PLANNER and s.plan_format}
         decoder_formats = {s.plan_format for s in stages if s.role == common_pb2.SERVICE_ROLE_DECODER and s.plan_format}

@@ -150,7 +150,7 @@ def test_bad_input_is_rejected_with_the_stage_named(client, cluster):
 
 def test_deadline_exceeded_stops_both_stages(client, cluster):
     with pytest.raises(grpc.RpcError) as error:
-        client.generate(PROMPT, 512, 512, num_inference_steps=100, timeout=3.0)
+        client.generate(PROMPT, 512, 512, num_inference_steps=100, timeout=1.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(cluster) < 2.0
 
