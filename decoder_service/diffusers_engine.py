@@ -30,7 +30,7 @@ from PIL import Image
 
 from decoder_service.domain import ConditionPlan, DecodeJob
 from decoder_service.engine import DecoderEngine, EngineInfo
-from decoder_service.images import decode_condition_image
+from imagekit.condition_images import ResizeRule, read_condition_images
 from servekit.errors import InvalidRequest
 from servekit.plan_format import AR_FOLDER, plan_format
 from servekit.validation import SIZE_MULTIPLE
@@ -88,6 +88,7 @@ class DiffusersEngine(DecoderEngine):
         self.dtype = resolve_dtype(dtype, self.device.type)
         self._plan_format_override = plan_format_override
         self.pipe: GlmImagePipeline | None = None
+        self.resize_rule: ResizeRule | None = None
         self._info: EngineInfo | None = None
 
     @property
@@ -107,9 +108,19 @@ class DiffusersEngine(DecoderEngine):
                 "folder's codebook shard or pass --plan-format (the planner's GetServerInfo reports it)"
             ) from error
 
+    def _resize_rule(self) -> ResizeRule:
+        try:
+            return ResizeRule.from_checkpoint(self.model_dir)
+        except OSError as error:
+            raise RuntimeError(
+                f"cannot read the condition-image rule from {self.model_dir / 'processor'} ({error}); mount the "
+                "checkpoint's processor/ folder (a few KB): the decoder sizes condition images as the planner does"
+            ) from error
+
     def load(self) -> None:
         started = time.perf_counter()
         fmt = self._plan_format()  # first: a missing codebook fails before the long load
+        self.resize_rule = self._resize_rule()
         pipe = GlmImagePipeline.from_pretrained(
             self.model_dir, vision_language_encoder=None, processor=None, dtype=self.dtype
         )
@@ -132,18 +143,13 @@ class DiffusersEngine(DecoderEngine):
     @torch.no_grad()
     def prepare(self, job: DecodeJob) -> _Request:
         pipe, device = self.pipe, self.device
-        images = [decode_condition_image(data, index) for index, data in enumerate(job.condition_images)]
+        images = read_condition_images(job.condition_images, self.resize_rule)
 
         # __call__ step 4: condition images floored to a whole number of DiT patches
         multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
         preprocessed = []
-        for index, image in enumerate(images):
+        for image in images:
             height, width = (image.height // multiple) * multiple, (image.width // multiple) * multiple
-            if height < SIZE_MULTIPLE or width < SIZE_MULTIPLE:
-                raise InvalidRequest(
-                    f"condition_images[{index}] is {image.width}x{image.height} pixels; each side must be at least "
-                    f"{SIZE_MULTIPLE}"
-                )
             preprocessed.append(pipe.image_processor.preprocess(image, height=height, width=width))
 
         # step 5: glyph embeddings (and the empty ones of the unconditional branch)
@@ -207,9 +213,9 @@ class DiffusersEngine(DecoderEngine):
                 height, width = condition.pixels.shape[-2:]
                 raise InvalidRequest(
                     f"the plan's condition_images[{index}] grid is {plan.rows}x{plan.cols} (rows x cols, 32 px cells) "
-                    f"but the image, floored to {width}x{height} pixels, needs "
-                    f"{condition.patch_rows / 2:g}x{condition.patch_cols / 2:g}: the planner and the decoder must "
-                    "see the same image"
+                    f"but the image, at {width}x{height} pixels, needs "
+                    f"{condition.patch_rows / 2:g}x{condition.patch_cols / 2:g}: send the same images as planned, to "
+                    "a planner and a decoder of the same checkpoint"
                 )
         kv_caches = GlmImageKVCache(num_layers=pipe.transformer.config.num_layers)
         kv_caches.set_mode("write")

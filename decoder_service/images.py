@@ -1,4 +1,4 @@
-"""Image bytes in and out: decoding condition images, encoding the result, chunking it."""
+"""The result image out: encoding it, chunking it."""
 
 import hashlib
 import io
@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from decoder_service.domain import ImageFormat
-from servekit.errors import InvalidRequest
 
 _PIL_FORMATS = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
-ACCEPTED_INPUT = {"PNG", "JPEG", "WEBP"}
 LOSSY_QUALITY = 95  # JPEG and WebP
 
 
@@ -19,22 +17,6 @@ LOSSY_QUALITY = 95  # JPEG and WebP
 class EncodedImage:
     data: bytes
     sha256: str
-
-
-def decode_condition_image(data: bytes, index: int) -> Image.Image:
-    """PNG, JPEG or WebP bytes -> RGB image (the planner's processor converts to RGB too)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ACCEPTED_INPUT:
-                raise InvalidRequest(f"condition_images[{index}] is {image.format}; send PNG, JPEG or WebP")
-            image.load()  # decode now: a truncated file fails here, not later in the pipeline
-            return image.convert("RGB")
-    except InvalidRequest:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise InvalidRequest(
-            f"condition_images[{index}] could not be decoded as PNG, JPEG or WebP ({type(error).__name__})"
-        ) from None
 
 
 def encode_image(image: Image.Image, image_format: ImageFormat, png_compress_level: int = 1) -> EncodedImage:

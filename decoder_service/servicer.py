@@ -23,7 +23,14 @@ from decoder_service.runner import DecodeRunner
 from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
 from servekit.errors import InvalidRequest
 from servekit.server import package_version
-from servekit.validation import Limits, check_condition_images, check_prompt, check_size, check_steps_and_guidance
+from servekit.validation import (
+    Limits,
+    check_condition_images,
+    check_prompt,
+    check_request_id,
+    check_size,
+    check_steps_and_guidance,
+)
 
 REQUEST_ID_METADATA = "x-request-id"
 
@@ -48,7 +55,10 @@ def job_from_proto(
     default_guidance_scale: float,
     request_id: str = "",
 ) -> DecodeJob:
-    """A validated DecodeJob; InvalidRequest names the rule a field breaks."""
+    """A validated DecodeJob; InvalidRequest names the rule a field breaks. `request_id`: the
+    x-request-id metadata, used when the spec has none."""
+    check_request_id(spec.request_id)
+    check_request_id(request_id)
     check_prompt(spec.prompt, limits)
     check_size(spec.width, spec.height, limits)
     check_steps_and_guidance(spec, limits)

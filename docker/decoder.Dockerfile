@@ -25,6 +25,7 @@ COPY protos/ protos/
 RUN python protos/generate.py /src
 COPY pyproject.toml ./
 COPY servekit/ servekit/
+COPY imagekit/ imagekit/
 COPY decoder_service/ decoder_service/
 RUN pip install --no-deps --no-build-isolation /src \
     && pip uninstall -y grpcio-tools

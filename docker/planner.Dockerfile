@@ -29,6 +29,7 @@ COPY protos/ protos/
 RUN python protos/generate.py /src
 COPY pyproject.toml ./
 COPY servekit/ servekit/
+COPY imagekit/ imagekit/
 COPY planner_service/ planner_service/
 # A real (non-editable) install: it registers the `vllm.general_plugins` entry point, which is how
 # vLLM's engine-core and worker processes find the GLM-Image AR model. grpcio-tools is only needed

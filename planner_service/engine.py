@@ -33,7 +33,8 @@ class PlanJob:
     height: int
     seed: int
     sampling: Sampling
-    images: list[Image.Image] = field(default_factory=list)
+    condition_images: list[bytes] = field(default_factory=list)  # as received (PNG, JPEG or WebP)
+    images: list[Image.Image] = field(default_factory=list)  # the same, read for the model (imagekit)
     engine_inputs: object = None  # engine-private: set by prepare(), dropped when generation ends
 
 

@@ -1,6 +1,7 @@
 """Wires settings, engine and servicer into the shared server lifecycle."""
 
 from glmimage.v1 import planner_pb2, planner_pb2_grpc
+from imagekit.condition_images import ResizeRule
 from planner_service.engine import PlanEngine
 from planner_service.servicer import PlannerServicer
 from planner_service.settings import PlannerSettings
@@ -30,6 +31,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
         engine=engine,
         admission=Admission("planner", settings.max_in_flight or engine.default_max_in_flight, settings.max_queued),
         limits=limits,
+        resize_rule=ResizeRule.from_checkpoint(settings.model),
         plan_format=plan_format(settings.model),
         model=settings.model,
         chunk_tokens=settings.chunk_tokens,

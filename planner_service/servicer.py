@@ -1,14 +1,15 @@
 """PlannerService: proto <-> domain, admission, streaming. Knows no engine internals."""
 
+import asyncio
 import logging
 import secrets
 import time
 
 from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc
+from imagekit.condition_images import ResizeRule, read_condition_images
 from planner_service import metrics
 from planner_service.chunking import TokenChunker
 from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
-from planner_service.images import decode_condition_image
 from servekit import validation
 from servekit.admission import Admission
 from servekit.errors import NotReady
@@ -28,13 +29,13 @@ def sampling_from_proto(sampling: common_pb2.PlanSampling, codebook_size: int) -
 
 
 def job_from_proto(request: planner_pb2.PlanRequest, limits: Limits, codebook_size: int) -> PlanJob:
-    """Validates a PlanRequest (InvalidRequest naming the rule) and turns it into a PlanJob."""
+    """Validates a PlanRequest (InvalidRequest naming the rule) and turns it into a PlanJob. The
+    condition images are only counted and sized here: they are read once the job holds a slot."""
     validation.check_request_id(request.request_id)
     validation.check_prompt(request.prompt, limits)
     validation.check_size(request.width, request.height, limits)
     sampling = sampling_from_proto(request.sampling, codebook_size)
     validation.check_condition_images(request.condition_images, limits)
-    images = [decode_condition_image(image.data, i) for i, image in enumerate(request.condition_images)]
     return PlanJob(
         request_id=request.request_id or secrets.token_hex(8),
         prompt=request.prompt,
@@ -42,7 +43,7 @@ def job_from_proto(request: planner_pb2.PlanRequest, limits: Limits, codebook_si
         height=request.height,
         seed=request.seed if request.HasField("seed") else secrets.randbits(63),
         sampling=sampling,
-        images=images,
+        condition_images=[image.data for image in request.condition_images],
     )
 
 
@@ -70,6 +71,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         engine: PlanEngine,
         admission: Admission,
         limits: Limits,
+        resize_rule: ResizeRule,
         plan_format: str,
         model: str,
         chunk_tokens: int,
@@ -79,6 +81,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self.engine = engine
         self.admission = admission
         self.limits = limits
+        self.resize_rule = resize_rule
         self.plan_format = plan_format
         self.model = model
         self.chunk_tokens = chunk_tokens
@@ -97,6 +100,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     async def _plan(self, job: PlanJob, arrived: float):
         async with self.admission.slot() as queue_seconds:
             metrics.QUEUE_SECONDS.observe(queue_seconds)
+            # Decoding and resizing a large photo takes a while: off the event loop, before any model work.
+            job.images = await asyncio.to_thread(read_condition_images, job.condition_images, self.resize_rule)
             layout = await self.engine.prepare(job)
             logger.info(
                 "plan %s: %dx%d, %d condition images, %d tokens",

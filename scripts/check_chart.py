@@ -211,7 +211,9 @@ def check_dockerfile(stage: str) -> list[str]:
         for instruction, args in instructions_of_stage:
             if instruction == "RUN" and "pip install -r" in args:
                 seen_install = True
-            if instruction == "COPY" and re.search(r"\b(servekit|planner_service|decoder_service|gateway)/", args):
+            if instruction == "COPY" and re.search(
+                r"\b(servekit|imagekit|planner_service|decoder_service|gateway)/", args
+            ):
                 if not seen_install:
                     problems.append(f"source copied before the dependencies are installed: COPY {args}")
         if any(i == "COPY" and "pyproject.toml" in a for i, a in instructions_of_stage):

@@ -22,17 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from servekit.errors import ErrorInterceptor
+from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 SERVER_OPTIONS = [
-    # Image chunks are <= 1 MiB and plans a few KB; condition images come inline in requests, so
-    # allow up to 16 MiB per message (the services enforce their own tighter per-image limit).
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Keep idle client connections (the gateway's) alive through proxies and NAT; accept client
     # pings every 10 s even without calls in flight.
     ("grpc.keepalive_time_ms", 30_000),
@@ -65,6 +61,8 @@ class ServerOptions:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     health_check_seconds: float = 5.0  # how often ServiceSpec.check runs once loaded
+    # Condition images come inline in requests: a message may hold every one at its largest.
+    max_message_bytes: int = max_message_bytes(Limits())
 
 
 class RunningServer:
@@ -135,7 +133,11 @@ def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
 
 async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServer:
     """Binds and starts the gRPC server, health NOT_SERVING until `load()`."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    message_limits = [
+        ("grpc.max_receive_message_length", options.max_message_bytes),
+        ("grpc.max_send_message_length", options.max_message_bytes),
+    ]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[*SERVER_OPTIONS, *message_limits])
     spec.register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -152,10 +154,17 @@ async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServ
     return running
 
 
+def start_metrics(options: ServerOptions):
+    """Prometheus /metrics on the gRPC host's address, not on every interface; returns prometheus'
+    (server, thread), or None with no metrics port."""
+    if options.metrics_port:
+        return start_http_server(options.metrics_port, addr=options.host)
+    return None
+
+
 async def serve(spec: ServiceSpec, options: ServerOptions) -> None:
     """Runs a service until SIGTERM/SIGINT, then shuts it down gracefully."""
-    if options.metrics_port:
-        start_http_server(options.metrics_port)
+    start_metrics(options)
     running = await start_server(spec, options)
     logger.info("listening on %s:%d (loading)", options.host, running.port)
     stop = asyncio.Event()

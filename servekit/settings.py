@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from servekit.server import ServerOptions
-from servekit.validation import Limits
+from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class ServerSettings:
             tls_cert_file=self.tls_cert_file,
             tls_key_file=self.tls_key_file,
             health_check_seconds=self.health_check_seconds,
+            max_message_bytes=max_message_bytes(self.limits()),
         )
 
 

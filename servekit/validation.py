@@ -45,12 +45,29 @@ class Limits:
         )
 
 
+# Everything a message carries besides the condition images and the prompt (and a 1 MiB image chunk).
+MESSAGE_SLACK_BYTES = 1024 * 1024
+
+
+def max_message_bytes(limits: Limits) -> int:
+    """The largest gRPC message a request within `limits` needs (a PlanRequest or DecodeSpec holds
+    every condition image): servers and the channels that send to them allow this much."""
+    utf8_prompt = 4 * limits.max_prompt_chars  # at most 4 bytes a character
+    return limits.max_condition_images * limits.max_condition_image_bytes + utf8_prompt + MESSAGE_SLACK_BYTES
+
+
 MAX_REQUEST_ID_CHARS = 128
 
 
 def check_request_id(request_id: str) -> None:
+    """Request ids travel as gRPC metadata (x-request-id), whose values are printable ASCII."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    if not all(" " <= char <= "~" for char in request_id):
+        raise InvalidRequest(
+            "request_id may hold only printable ASCII characters (0x20-0x7E: letters, digits, punctuation and "
+            "space), no control characters such as newlines and no non-ASCII characters"
+        )
 
 
 def check_size(width: int, height: int, limits: Limits) -> None:
@@ -63,8 +80,9 @@ def check_size(width: int, height: int, limits: Limits) -> None:
 
 
 def check_prompt(prompt: str, limits: Limits) -> None:
-    if not prompt.strip():
-        raise InvalidRequest("prompt must not be empty")
+    if not any(char.isprintable() and not char.isspace() for char in prompt):
+        raise InvalidRequest("prompt must not be empty: it needs at least one visible character, not only whitespace "
+                             "or control characters")  # fmt: skip
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters, got {len(prompt)}")
 

@@ -1,4 +1,4 @@
-"""Condition-image decoding, output encoding and chunking."""
+"""Output encoding and chunking."""
 
 import hashlib
 import io
@@ -8,44 +8,11 @@ import pytest
 from PIL import Image
 
 from decoder_service.domain import ImageFormat
-from decoder_service.images import chunks, decode_condition_image, encode_image
-from servekit.errors import InvalidRequest
+from decoder_service.images import chunks, encode_image
 
 pytestmark = pytest.mark.unit
 
-
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 NOISE = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 72, 3), dtype=np.uint8))
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_condition_images_decode_to_rgb(fmt):
-    image = decode_condition_image(encoded(NOISE, fmt), 0)
-    assert image.mode == "RGB" and image.size == (72, 40)
-
-
-def test_png_condition_image_is_exact_and_rgba_becomes_rgb():
-    assert np.array_equal(np.asarray(decode_condition_image(encoded(NOISE, "PNG"), 0)), np.asarray(NOISE))
-    rgba = decode_condition_image(encoded(NOISE.convert("RGBA"), "PNG"), 0)
-    assert rgba.mode == "RGB"
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"not an image at all", r"condition_images\[2\] could not be decoded as PNG, JPEG or WebP"),
-        (encoded(NOISE, "PNG")[:200], r"condition_images\[2\] could not be decoded"),
-        (encoded(NOISE, "GIF"), r"condition_images\[2\] is GIF; send PNG, JPEG or WebP"),
-    ],
-)
-def test_undecodable_condition_images(data, message):
-    with pytest.raises(InvalidRequest, match=message):
-        decode_condition_image(data, 2)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,8 @@ def test_output_formats(value, expected):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt": "\x00\t"}, "prompt must not be empty"),
+        ({"request_id": "req\r\n1"}, "request_id may hold only printable ASCII"),
         ({"output_format": 5}, "output_format 5"),
         ({"condition_images": [common_pb2.InputImage()] * 5}, "at most 4 condition images"),
     ],
@@ -73,6 +75,11 @@ def test_output_formats(value, expected):
 def test_invalid_specs(fields, message):
     with pytest.raises(InvalidRequest, match=message):
         job_from_proto(spec(**fields), LIMITS, 50, 1.5)
+
+
+def test_metadata_request_id_is_checked_too():
+    with pytest.raises(InvalidRequest, match="request_id must be at most 128 characters"):
+        job_from_proto(spec(), LIMITS, 50, 1.5, request_id="m" * 129)
 
 
 def test_plan_chunks_to_domain():

@@ -1,4 +1,5 @@
-"""No service imports another service's package; the gateway and servekit need no torch."""
+"""No service imports another service's package; the gateway and servekit need no torch (nor
+imagekit, the model stages' shared image code)."""
 
 import ast
 from pathlib import Path
@@ -9,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ["planner_service", "decoder_service", "gateway"]
-MODEL_LIBRARIES = {"torch", "transformers", "diffusers", "vllm", "numpy", "PIL"}
+MODEL_LIBRARIES = {"torch", "transformers", "diffusers", "vllm", "numpy", "PIL", "imagekit"}
 
 
 def imported_top_levels(package: str) -> dict[str, set[str]]:
@@ -41,5 +42,6 @@ def test_light_packages_import_no_model_code(package):
     assert not MODEL_LIBRARIES & imports.keys(), {k: imports[k] for k in MODEL_LIBRARIES & imports.keys()}
 
 
-def test_servekit_imports_no_service():
-    assert not set(SERVICES) & imported_top_levels("servekit").keys()
+@pytest.mark.parametrize("package", ["servekit", "imagekit"])
+def test_shared_packages_import_no_service(package):
+    assert not set(SERVICES) & imported_top_levels(package).keys()

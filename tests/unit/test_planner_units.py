@@ -43,8 +43,8 @@ def test_a_loading_planner_answers_unavailable():
     from planner_service.servicer import PlannerServicer
     from servekit.errors import NotReady
 
-    servicer = PlannerServicer(engine=None, admission=None, limits=None, plan_format="", model="", chunk_tokens=1,
-                               chunk_interval_s=0, version="")  # fmt: skip
+    servicer = PlannerServicer(engine=None, admission=None, limits=None, resize_rule=None, plan_format="", model="",
+                               chunk_tokens=1, chunk_interval_s=0, version="")  # fmt: skip
 
     async def first_chunk():
         return await anext(servicer.Plan(planner_pb2.PlanRequest(prompt="p", width=512, height=512), None))

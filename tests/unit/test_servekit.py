@@ -10,7 +10,7 @@ from glmimage.v1 import common_pb2, image_service_pb2
 from servekit import validation
 from servekit.admission import Admission
 from servekit.errors import InvalidRequest, Overloaded
-from servekit.settings import option, parse_settings
+from servekit.settings import ServerSettings, option, parse_settings
 from servekit.validation import Limits
 
 pytestmark = pytest.mark.unit
@@ -40,6 +40,58 @@ def test_sampling_rules():
     for bad in (dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=65)):
         with pytest.raises(InvalidRequest, match="sampling"):
             validation.check_sampling(common_pb2.PlanSampling(**bad), codebook_size=64)
+
+
+@pytest.mark.parametrize("request_id", ["", "req-1", "a b:c/d_e.f~!", "x" * 128])
+def test_request_ids_that_metadata_can_carry_pass(request_id):
+    validation.check_request_id(request_id)
+
+
+@pytest.mark.parametrize("request_id", ["a\nb", "tab\there", "nul\x00", "del\x7f", "caf\u00e9", "\u2603"])
+def test_request_ids_metadata_cannot_carry_are_refused(request_id):
+    with pytest.raises(InvalidRequest, match=r"printable ASCII characters \(0x20-0x7E"):
+        validation.check_request_id(request_id)
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "\x00", "\t\n\r", "\x00\x1b\x7f", "\u200b\u00a0"])
+def test_prompts_without_visible_characters_are_refused(prompt):
+    with pytest.raises(InvalidRequest, match="prompt must not be empty: it needs at least one visible character"):
+        validation.check_prompt(prompt, Limits())
+
+
+@pytest.mark.parametrize("prompt", ["a", "\x00a\x00", " 「招牌」 ", "\u00e9"])
+def test_prompts_with_visible_characters_pass(prompt):
+    validation.check_prompt(prompt, Limits())
+
+
+def test_message_size_holds_every_condition_image_at_its_largest():
+    default = validation.max_message_bytes(Limits())
+    assert default == 4 * 8 * 1024 * 1024 + 4 * 4000 + validation.MESSAGE_SLACK_BYTES
+    assert validation.max_message_bytes(Limits(max_condition_images=0)) > 1024 * 1024  # an image chunk fits
+    # the flags every service shares set its server's limit
+    settings = ServerSettings(max_condition_images=2, max_condition_image_bytes=20 * 1024 * 1024)
+    assert settings.server_options().max_message_bytes == 40 * 1024 * 1024 + 4 * 4000 + validation.MESSAGE_SLACK_BYTES
+
+
+def test_metrics_listen_on_the_grpc_host_only():
+    import socket
+    import urllib.request
+
+    from servekit.server import ServerOptions, start_metrics
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server, thread = start_metrics(ServerOptions("127.0.0.1", 0, metrics_port=port, shutdown_grace_seconds=0))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+        # 127.0.0.2 is this machine too: a server on every interface (0.0.0.0) would answer there
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.2", port), timeout=5):
+            pass
+    finally:
+        server.shutdown()
+        thread.join(5)
 
 
 def test_inconsistent_limits_are_refused():

@@ -1,0 +1,1 @@
+"""What the two model stages share about images (PIL and transformers; never imported by the gateway)."""
