@@ -109,13 +109,12 @@ class DiffusersEngine(DecoderEngine):
             ) from error
 
     def _resize_rule(self) -> ResizeRule:
-        try:
-            return ResizeRule.from_checkpoint(self.model_dir)
-        except OSError as error:
+        if not (self.model_dir / "processor").is_dir():
             raise RuntimeError(
-                f"cannot read the condition-image rule from {self.model_dir / 'processor'} ({error}); mount the "
-                "checkpoint's processor/ folder (a few KB): the decoder sizes condition images as the planner does"
-            ) from error
+                f"{self.model_dir / 'processor'} is missing: mount the checkpoint's processor/ folder (a few KB); "
+                "the decoder sizes condition images by its rule, as the planner does"
+            )
+        return ResizeRule.from_checkpoint(self.model_dir)
 
     def load(self) -> None:
         started = time.perf_counter()

@@ -5,7 +5,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112
 
@@ -15,6 +15,13 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif(width: int = 64, height: int = 64) -> bytes:
+    """A format the services do not take."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="GIF")
     return buffer.getvalue()
 
 
@@ -49,3 +56,23 @@ def png_of_size(size: int, width: int = 64, height: int = 64, seed: int = 0) -> 
     assert padding >= 0, f"{size} bytes cannot hold a {width}x{height} PNG"
     ihdr_end = 8 + 25  # signature + IHDR chunk
     return data[:ihdr_end] + _chunk(b"prVt", b"\0" * padding) + data[ihdr_end:]
+
+
+# Image-to-image parity cases: the bytes sent, and the size that both stages hand to their model
+# under the tiny checkpoint's rule (an image the monolithic pipeline sizes consistently stays as it is).
+CONDITION_CASES = {
+    "300x200 PNG, as it is": (lambda: png(300, 200), (300, 200)),
+    "512x512 PNG, as it is": (lambda: png(512, 512), (512, 512)),
+    "1024x1024 PNG": (lambda: png(1024, 1024), (512, 512)),
+    "600x400 PNG": (lambda: png(600, 400), (512, 352)),
+    "333x777 PNG": (lambda: png(333, 777), (224, 512)),
+    "1600x1200 JPEG": (lambda: photo(1600, 1200), (512, 384)),
+    "4000x3000 JPEG shown portrait (EXIF)": (lambda: photo(4000, 3000, orientation=6), (384, 512)),
+}
+
+
+def model_input(data: bytes, size: tuple[int, int]) -> Image.Image:
+    """The image the monolithic pipeline is given in parity tests: upright, RGB, and resized to `size`
+    with the processor's filter (bicubic) unless it has that size already."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    return image if image.size == size else image.resize(size, Image.BICUBIC)

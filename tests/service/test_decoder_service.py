@@ -22,6 +22,7 @@ from PIL import Image
 from decoder_service.app import make_service
 from decoder_service.settings import DecoderSettings
 from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
+from tests.images import CONDITION_CASES, gif, model_input, png, png_header
 from tests.servers import SERVING, ServerThread, health_status
 
 pytestmark = pytest.mark.service
@@ -194,17 +195,22 @@ def test_text_to_image_pixels_equal_diffusers(stub, info, pipe, width, height, s
     np.testing.assert_array_equal(result.pixels(), pixels_of(expected))
 
 
-def test_image_to_image_pixels_equal_diffusers(stub, info, pipe):
-    """A real i2i plan from diffusers' own AR stage; a condition image of another size and shape."""
+@pytest.mark.parametrize("case", CONDITION_CASES)
+def test_image_to_image_pixels_equal_diffusers(stub, info, pipe, case):
+    """A real i2i plan from diffusers' own AR stage; the monolithic pipeline is given the image sent
+    where its own sizing works, else the image resized once to the size both stages use."""
     from testkit.reference import render, sampled_target_grid
 
-    condition = Image.fromarray(np.random.RandomState(3).randint(0, 256, (192, 320, 3), dtype=np.uint8))
+    make, size = CONDITION_CASES[case]
+    data = make()
+    condition = model_input(data, size)
     prompt = "make the sign say 'CLOSED'"
     ids, condition_ids = sampled_target_grid(pipe, prompt, 256, 256, seed=5, images=[condition])
-    assert len(condition_ids[0]) == 6 * 10
+    rows, cols = size[1] // 32, size[0] // 32
+    assert len(condition_ids[0]) == rows * cols
     requests = [
-        spec(seed=5, steps=3, images=[png_bytes(condition)], prompt=prompt),
-        *plan_stream(info, ids, conditions=[(6, 10, condition_ids[0])]),
+        spec(seed=5, steps=3, images=[data], prompt=prompt),
+        *plan_stream(info, ids, conditions=[(rows, cols, condition_ids[0])]),
     ]
     result = decode(stub, requests)
     expected = render(
@@ -302,10 +308,28 @@ def _bad_cases(info):
         "zero steps": ([spec(steps=0), *ok_plan], f"num_inference_steps must be between 1 and {LONG}"),
         "negative guidance": ([spec(guidance_scale=-1), *ok_plan], "guidance_scale"),
         "empty prompt": ([spec(prompt=" "), *ok_plan], "prompt must not be empty"),
+        "prompt of control characters": ([spec(prompt="\x00"), *ok_plan], "prompt must not be empty: it needs"),
+        "request id with a newline": ([spec(request_id="a\nb"), *ok_plan], "request_id may hold only printable ASCII"),
         "unknown output format": ([spec(output_format=9), *ok_plan], "output_format 9"),
         "undecodable image": (
             [spec(images=[b"\x89PNG not really"]), header(info, conditions=[(6, 10, [0] * 60)]), tokens(0, IDS)],
-            r"condition_images\[0\] could not be decoded",
+            r"condition_images\[0\] is not a decodable PNG, JPEG or WebP image",
+        ),
+        "GIF image": (
+            [spec(images=[gif()]), header(info, conditions=[(2, 2, [0] * 4)]), tokens(0, IDS)],
+            r"condition_images\[0\] is not a decodable PNG, JPEG or WebP image",
+        ),
+        "decompression bomb": (
+            [spec(images=[png_header(9000, 8000)]), header(info, conditions=[(2, 2, [0] * 4)]), tokens(0, IDS)],
+            r"condition_images\[0\] is 9000x8000 pixels; at most 67108864 pixels are allowed",
+        ),
+        "image too small": (
+            [spec(images=[png(31, 64)]), header(info, conditions=[(2, 1, [0] * 2)]), tokens(0, IDS)],
+            "each side must be at least 32 pixels and the aspect ratio below 4",
+        ),
+        "aspect ratio in whole cells": (
+            [spec(images=[png(146, 37)]), header(info, conditions=[(1, 5, [0] * 5)]), tokens(0, IDS)],
+            "in whole grid cells it becomes 160x32",
         ),
         "empty image": ([spec(images=[b""]), *ok_plan], r"condition_images\[0\] is empty"),
         "condition count": ([spec(images=[CONDITION]), *ok_plan], "made with 0 condition images but the spec has 1"),
@@ -476,7 +500,7 @@ def test_sigterm_drains_in_flight_decode_and_exits_0(model_dir, tmp_path):
 # -- a checkpoint mounted without the AR model ---------------------------------------------------
 
 
-def test_checkpoint_without_the_ar_model_needs_its_plan_format(model_dir, tmp_path):
+def test_checkpoint_without_the_ar_model_needs_its_plan_format_and_processor(model_dir, tmp_path):
     from decoder_service.diffusers_engine import DiffusersEngine
     from servekit.plan_format import plan_format
 
@@ -484,8 +508,12 @@ def test_checkpoint_without_the_ar_model_needs_its_plan_format(model_dir, tmp_pa
         (tmp_path / name).symlink_to(Path(model_dir) / name)
     with pytest.raises(RuntimeError, match="pass --plan-format"):
         DiffusersEngine(tmp_path).load()
+    override = plan_format(model_dir)
+    with pytest.raises(RuntimeError, match="processor is missing: mount the checkpoint's processor/ folder"):
+        DiffusersEngine(tmp_path, plan_format_override=override).load()
+    (tmp_path / "processor").symlink_to(Path(model_dir) / "processor")
     with pytest.raises(RuntimeError, match="codebook of 16384; this DiT's has 64"):
         DiffusersEngine(tmp_path, plan_format_override="glm-image/vq16384/0123456789abcdef").load()
-    engine = DiffusersEngine(tmp_path, plan_format_override=plan_format(model_dir))
+    engine = DiffusersEngine(tmp_path, plan_format_override=override)
     engine.load()
     assert engine.info.plan_format == plan_format(model_dir) and engine.info.codebook_size == 64

@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from images import png
+from images import CONDITION_CASES, gif, model_input, png, png_header, png_of_size
 from PIL import Image
 from plans import receive_plan
 from servers import SERVING, ServerThread, health_status
@@ -73,18 +73,36 @@ def test_greedy_plan_equals_transformers_generate(stub, pipe, width, height):
     assert len(plan.tokens) == len(expected) - 1  # every grid token; not the end slot
 
 
-def test_image_to_image_plan_equals_diffusers(stub, pipe):
-    data = png(300, 200)
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+@pytest.mark.parametrize("case", CONDITION_CASES)
+def test_image_to_image_plan_equals_diffusers(stub, pipe, case):
+    """The monolithic AR stage given the same image: the one sent where its own sizing works, else
+    the image resized once to the size both stages use."""
+    make, size = CONDITION_CASES[case]
+    data = make()
+    image = model_input(data, size)
     plan = receive_plan(stub.Plan(plan_request(images=[data], seed=5)))
     expected_target, expected_conditions = reference.sampled_target_grid(pipe, PROMPT, 256, 256, 5, images=[image])
     assert plan.preview == [] and (plan.header.preview_rows, plan.header.preview_cols) == (0, 0)
     assert plan.target == expected_target
     [condition] = plan.header.condition_images
+    assert (condition.rows, condition.cols) == (size[1] // 32, size[0] // 32)  # the decoder's grid for this image
     assert list(condition.ids) == expected_conditions[0]
-    assert len(condition.ids) == condition.rows * condition.cols > 0
+
+
+def test_image_to_image_greedy_plan_equals_transformers_generate(stub, pipe):
+    data = png(300, 200)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
     greedy = receive_plan(stub.Plan(plan_request(images=[data], temperature=0.0)))
     assert greedy.target == reference.greedy_plan(pipe, PROMPT, 256, 256, images=[image])[:-1]
+
+
+def test_four_condition_images_at_the_byte_limit_pass_the_transport(stub):
+    images = [png_of_size(8 * 1024 * 1024, seed=seed) for seed in range(4)]
+    request = plan_request(images=images)
+    assert request.ByteSize() > 32 * 1024 * 1024
+    plan = receive_plan(stub.Plan(request))
+    assert [(c.rows, c.cols) for c in plan.header.condition_images] == [(2, 2)] * 4
+    assert plan.summary.finish_reason == planner_pb2.FINISH_REASON_COMPLETE
 
 
 def test_same_seed_same_plan_and_chunks_stream_before_the_end(stub):
@@ -109,6 +127,7 @@ BAD_REQUESTS = [
     ("size below range", dict(height=224), "height must be a multiple of 32 between 256 and 512"),
     ("size above range", dict(width=1024), "width must be a multiple of 32"),
     ("empty prompt", dict(prompt="   "), "prompt must not be empty"),
+    ("prompt of control characters", dict(prompt="\x00"), "prompt must not be empty: it needs at least one visible"),
     ("prompt too long", dict(prompt="x" * 5000), "prompt must be at most 4000 characters"),
     ("negative temperature", dict(temperature=-1.0), "sampling.temperature must be a finite number >= 0"),
     ("NaN temperature", dict(temperature=float("nan")), "sampling.temperature"),
@@ -119,17 +138,27 @@ BAD_REQUESTS = [
     ("undecodable image", dict(images=[b"not an image"]), "condition_images[0] is not a decodable PNG, JPEG or WebP"),
     ("empty image", dict(images=[b""]), "condition_images[0] is empty"),
     ("oversized image", dict(images=[b"\x89PNG" + b"0" * (8 * 1024 * 1024)]), "at most 8388608 bytes"),
-    ("extreme aspect ratio", dict(images=[png(400, 64)]), "aspect ratio must be below 4"),
+    ("extreme aspect ratio", dict(images=[png(400, 64)]), "is 400x64 pixels; each side must be at least 32 pixels and"),
+    ("aspect ratio in whole cells", dict(images=[png(146, 37)]), "in whole grid cells it becomes 160x32"),
+    ("image too small", dict(images=[png(31, 64)]), "each side must be at least 32 pixels"),
+    ("GIF image", dict(images=[gif()]), "condition_images[0] is not a decodable PNG, JPEG or WebP"),
+    ("decompression bomb", dict(images=[png_header(9000, 8000)]), "at most 67108864 pixels are allowed"),
+    ("second image bad", dict(images=[png(64, 64), b"junk"]), "condition_images[1] is not a decodable"),
     ("long request id", dict(request_id="r" * 200), "request_id must be at most 128 characters"),
+    ("request id with a newline", dict(request_id="a\nb"), "request_id may hold only printable ASCII characters"),
+    ("non-ASCII request id", dict(request_id="r\u00e9q"), "request_id may hold only printable ASCII characters"),
 ]
 
 
 @pytest.mark.parametrize(("case", "fields", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_requests_get_invalid_argument(stub, planner, case, fields, message):
+    chunks = []
     with pytest.raises(grpc.RpcError) as error:
-        receive_plan(stub.Plan(plan_request(**fields)))
+        for chunk in stub.Plan(plan_request(**fields)):
+            chunks.append(chunk)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
     assert message in error.value.details()
+    assert chunks == []  # refused before the model's work: the header follows it
     assert health_status(planner.address) == SERVING
 
 
