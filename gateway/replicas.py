@@ -65,6 +65,7 @@ class Replica:
         self.full = False  # answered RESOURCE_EXHAUSTED: no more requests until the next poll
         self.retired = False  # gone from the name: no new requests, closed once idle
         self.outstanding = 0  # requests this gateway has on it
+        self.leased_at = 0.0  # ties go to the least recently used replica
         self.info: common_pb2.ServerInfo | None = None
 
     @property
@@ -201,9 +202,10 @@ class ReplicaPool:
             fresh = [r for r in candidates if r.address not in waiter.avoid]
             # the fewest requests per unit of capacity: the one that will be free soonest
             best = min(fresh or candidates, key=lambda r: (r.outstanding / max(r.info.load.capacity, 1),
-                                                           r.info.load.active + r.info.load.waiting))  # fmt: skip
+                                                           r.info.load.active + r.info.load.waiting, r.leased_at))  # fmt: skip
             self._waiters.pop(0)
             best.outstanding += 1
+            best.leased_at = time.monotonic()
             waiter.future.set_result(best)
         self._update_gauges()
 

@@ -1,5 +1,9 @@
 """The three services as local processes on loopback: `make serve`, `make demo`, e2e tests, benchmarks.
 
+With `behind_names=True` each stage is deployed as in Kubernetes: its pods listen on their own
+loopback addresses (127.0.1.N planners, 127.0.2.N decoders) at one port per stage, and the gateway
+is given one name per stage that resolves to all of them (testkit.hosts).
+
 python -m testkit.cluster MODEL_DIR [--engine vllm|transformers]   # serve until Ctrl-C / SIGTERM
 """
 
@@ -14,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.healthcheck import check
+from testkit.hosts import HostsEntries
 
 REPO = Path(__file__).resolve().parent.parent
 # The tiny model serves small images; these limits let it.
 DEV_LIMITS = ["--min-side", "256", "--max-side", "1024"]
+STAGE_NAMES = {"planner": "glm-planner.test", "decoder": "glm-decoder.test"}
+STAGE_SUBNETS = {"planner": "127.0.1", "decoder": "127.0.2"}
 
 
 def free_port() -> int:
@@ -33,16 +40,17 @@ class Service:
     port: int
     metrics_port: int
     log_path: Path
+    host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, env: dict) -> None:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", *self.args, "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", *self.args, "--host", self.host, "--port", str(self.port),
              "--metrics-port", str(self.metrics_port)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -75,48 +83,94 @@ class Cluster:
     ports: tuple[int, int, int] | None = None  # gateway, first planner, first decoder
     log_dir: Path = REPO / "out" / "logs"
     gateway_args: list[str] = field(default_factory=list)
+    stage_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per stage kind
+    behind_names: bool = False
     services: list[Service] = field(default_factory=list)
 
     def __post_init__(self):
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts = HostsEntries() if self.behind_names else None
         gateway_port, planner_port, decoder_port = self.ports or (free_port(), free_port(), free_port())
-        for i in range(self.planners):
-            port = planner_port + i if self.ports else (planner_port if i == 0 else free_port())
-            self.services.append(self._service(f"planner{i}", ["planner_service", "--model", self.model_dir,
-                                                               "--engine", self.engine, *DEV_LIMITS], port))  # fmt: skip
-        for i in range(self.decoders):
-            port = decoder_port + i if self.ports else (decoder_port if i == 0 else free_port())
-            self.services.append(self._service(f"decoder{i}", ["decoder_service", "--model", self.model_dir,
-                                                               *DEV_LIMITS], port))  # fmt: skip
-        targets = {kind: ",".join(s.address for s in self.services if s.name.startswith(kind))
-                   for kind in ("planner", "decoder")}  # fmt: skip
+        self.stage_ports = {"planner": planner_port, "decoder": decoder_port}
+        for kind, count in (("planner", self.planners), ("decoder", self.decoders)):
+            for _ in range(count):
+                self.services.append(self._pod(kind))
+        if self.behind_names:
+            targets = {kind: f"dns:///{STAGE_NAMES[kind]}:{port}" for kind, port in self.stage_ports.items()}
+        else:
+            targets = {kind: ",".join(s.address for s in self.pods(kind)) for kind in ("planner", "decoder")}
         self.gateway = self._service("gateway", ["gateway", "--planner", targets["planner"], "--decoder",
                                                  targets["decoder"], *DEV_LIMITS, *self.gateway_args], gateway_port)  # fmt: skip
         self.services.append(self.gateway)
 
-    def _service(self, name: str, args: list[str], port: int) -> Service:
-        return Service(name, args, port, free_port(), self.log_dir / f"{name}.log")
+    def pods(self, kind: str) -> list[Service]:
+        return [s for s in self.services if s.name.startswith(kind)]
+
+    def _pod(self, kind: str) -> Service:
+        """The next pod of a stage (not started): behind the stage's name, or on a port of its own."""
+        index = len(self.pods(kind))
+        args = ["planner_service", "--model", self.model_dir, "--engine", self.engine] if kind == "planner" else [
+            "decoder_service", "--model", self.model_dir]  # fmt: skip
+        args += [*DEV_LIMITS, *self.stage_args.get(kind, [])]
+        if self.behind_names:
+            return self._service(f"{kind}{index}", args, self.stage_ports[kind], f"{STAGE_SUBNETS[kind]}.{index + 1}")
+        port = self.stage_ports[kind] + index if self.ports else (self.stage_ports[kind] if index == 0 else free_port())
+        return self._service(f"{kind}{index}", args, port)
+
+    def add_pod(self, kind: str) -> Service:
+        """Starts one more pod of `kind`; behind a name, it is published once it is ready (as Kubernetes
+        publishes only ready pods)."""
+        pod = self._pod(kind)
+        self.services.insert(self.services.index(self.gateway), pod)
+        pod.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.wait_ready([pod])
+        self.publish(pod)
+        return pod
+
+    def publish(self, pod: Service) -> None:
+        if self.hosts is not None:
+            self.hosts.add(pod.host, STAGE_NAMES[pod.name.rstrip("0123456789")])
+
+    def unpublish(self, pod: Service) -> None:
+        if self.hosts is not None:
+            self.hosts.remove(pod.host)
+
+    def _service(self, name: str, args: list[str], port: int, host: str = "127.0.0.1") -> Service:
+        return Service(name, args, port, free_port(), self.log_dir / f"{name}.log", host)
+
+    def wait_ready(self, services: list[Service], timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(check(s.address, timeout=1) for s in services):
+            dead = [s for s in services if not s.alive()]
+            if dead or time.monotonic() > deadline:
+                reason = f"{dead[0].name} exited" if dead else "not ready in time"
+                raise RuntimeError(f"{reason}; logs in {self.log_dir}")
+            time.sleep(0.5)
 
     def by_name(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
     def start(self, timeout: float = 600) -> "Cluster":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for pod in self.services:
+            if pod is not self.gateway:
+                self.publish(pod)
         for service in self.services:
             service.start(env)
-        deadline = time.monotonic() + timeout
-        while not all(check(s.address, timeout=1) for s in self.services):
-            dead = [s for s in self.services if not s.alive()]
-            if dead or time.monotonic() > deadline:
-                self.stop()
-                reason = f"{dead[0].name} exited" if dead else "not ready in time"
-                raise RuntimeError(f"cluster failed to start: {reason}; logs in {self.log_dir}")
-            time.sleep(0.5)
+        try:
+            self.wait_ready(self.services, timeout)
+        except RuntimeError as error:
+            self.stop()
+            raise RuntimeError(f"cluster failed to start: {error}") from None
         return self
 
     def stop(self) -> dict[str, int | None]:
         # gateway first, so nothing new reaches the stages while they drain
-        return {s.name: s.stop() for s in reversed(self.services)}
+        try:
+            return {s.name: s.stop() for s in reversed(self.services)}
+        finally:
+            if self.hosts is not None:
+                self.hosts.remove()
 
     def __enter__(self) -> "Cluster":
         return self.start()

@@ -4,14 +4,13 @@ import io
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from servers import SERVING, health_status
+from stages import metric, pixels, restart
 
 from gateway.client import ImageClient
 from glmimage.v1 import common_pb2
@@ -37,17 +36,6 @@ def client(cluster):
         yield c
 
 
-def metric(service, name: str, **labels) -> float:
-    """One sample from a service's /metrics endpoint (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
 def stages(cluster, kind: str):
     return [s for s in cluster.services if s.name.startswith(kind)]
 
@@ -67,26 +55,6 @@ def wait_idle(cluster, timeout: float = 10.0) -> float:
 
 def completed_plans(cluster) -> float:
     return sum(metric(s, "glmimage_planner_plans_total", outcome="completed") for s in stages(cluster, "planner"))
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def restart(cluster, service) -> None:
-    service.start({**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 300
-    while health_status_or_none(service.address) != SERVING:
-        assert time.monotonic() < deadline, f"{service.name} did not come back"
-        time.sleep(0.5)
-    time.sleep(1.5)  # the gateway's next health check sees it
-
-
-def health_status_or_none(address: str):
-    try:
-        return health_status(address)
-    except grpc.RpcError:
-        return None
 
 
 def test_greedy_image_equals_the_monolithic_pipeline(client, pipe):
@@ -183,7 +151,7 @@ def test_decoder_killed_mid_denoise_is_replaced_without_replanning(client, clust
     result = client.generate(PROMPT, 256, 256, seed=2, num_inference_steps=100, on_progress=on_progress)
     assert killed and result.completed.decoder_attempts == 2 and result.completed.planner_attempts == 1
     assert completed_plans(cluster) - plans_before == 1, "the plan was replayed, not generated again"
-    restart(cluster, killed[0])
+    restart(killed[0])
 
 
 def test_planner_killed_before_its_first_token_is_replaced(client, cluster):
@@ -192,7 +160,7 @@ def test_planner_killed_before_its_first_token_is_replaced(client, cluster):
     victim.process.wait()
     result = client.generate(PROMPT, 256, 256, seed=4, num_inference_steps=2)
     assert result.completed.planner_attempts in (1, 2) and len(result.image) > 0
-    restart(cluster, victim)
+    restart(victim)
 
 
 def test_planner_killed_mid_plan_is_restarted_on_another(client, cluster, pipe):
@@ -209,7 +177,7 @@ def test_planner_killed_mid_plan_is_restarted_on_another(client, cluster, pipe):
     # the decoder restarted on the new plan: the image is the one the whole plan gives
     expected = reference.render(pipe, PROMPT, 512, 256, seed=6, steps=2)
     assert np.array_equal(pixels(result.image), np.asarray(expected))
-    restart(cluster, killed[0])
+    restart(killed[0])
 
 
 def test_concurrent_requests_all_complete(client):
