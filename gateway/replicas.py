@@ -27,13 +27,11 @@ from gateway import metrics
 from gateway.discovery import Target
 from glmimage.v1 import common_pb2
 from servekit.errors import DeadlineExceeded
+from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
-    # Condition images travel inside requests and images come back in <= 1 MiB chunks.
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     # Notice a dead replica within seconds, even between calls.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -48,11 +46,14 @@ CHANNEL_OPTIONS = [
 class Replica:
     """One pod: `address` is a gRPC channel target such as `ipv4:10.0.0.5:50052`."""
 
-    def __init__(self, stage: str, address: str, target: Target, stub_class, credentials, lookahead: int):
+    def __init__(self, stage: str, address: str, target: Target, stub_class, credentials, lookahead: int,
+                 max_message_bytes: int):  # fmt: skip
         self.stage = stage
         self.address = address
         self.lookahead = lookahead
-        options = list(CHANNEL_OPTIONS)
+        # condition images travel inside requests: as large as the request limits allow
+        options = [*CHANNEL_OPTIONS, ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]  # fmt: skip
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
@@ -106,7 +107,8 @@ class _Waiter:
 
 class ReplicaPool:
     def __init__(self, stage: str, targets: list[str], stub_class, credentials, interval_s: float,
-                 resolve_interval_s: float, lookahead: int = 0):  # fmt: skip
+                 resolve_interval_s: float, lookahead: int = 0,
+                 max_message_bytes: int = max_message_bytes(Limits())):  # fmt: skip
         self.stage = stage
         self.targets = [Target.parse(t) for t in targets]
         self.replicas: dict[str, Replica] = {}
@@ -114,6 +116,7 @@ class ReplicaPool:
         self._stub_class = stub_class
         self._credentials = credentials
         self._lookahead = lookahead
+        self._max_message_bytes = max_message_bytes
         self.interval_s = interval_s
         self.resolve_interval_s = resolve_interval_s
         self._poller: asyncio.Task | None = None
@@ -139,7 +142,7 @@ class ReplicaPool:
         for address in sorted(found.keys() - self.replicas.keys()):
             logger.info("%s: new replica %s (behind %s)", self.stage, address, found[address])
             self.replicas[address] = Replica(self.stage, address, found[address], self._stub_class,
-                                             self._credentials, self._lookahead)  # fmt: skip
+                                             self._credentials, self._lookahead, self._max_message_bytes)  # fmt: skip
         for address in self.replicas.keys() - found.keys():
             replica = self.replicas.pop(address)
             logger.info("%s: replica %s left its name; closing it once idle", self.stage, address)

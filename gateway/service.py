@@ -9,6 +9,7 @@ from glmimage.v1 import decoder_pb2_grpc, image_service_pb2, image_service_pb2_g
 from servekit.admission import Admission
 from servekit.errors import Unavailable
 from servekit.server import ServiceSpec, package_version
+from servekit.validation import max_message_bytes
 
 SERVICE_NAME = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 
@@ -27,12 +28,14 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
     def register(server: grpc.aio.Server) -> None:
         credentials = _stage_credentials(settings)
         intervals = settings.health_interval_seconds, settings.resolve_interval_seconds
+        message_bytes = max_message_bytes(settings.limits())
         pools["planner"] = ReplicaPool(
-            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, *intervals
-        )
+            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, *intervals,
+            max_message_bytes=message_bytes,
+        )  # fmt: skip
         pools["decoder"] = ReplicaPool(
             "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, credentials, *intervals,
-            lookahead=settings.decoder_lookahead,
+            lookahead=settings.decoder_lookahead, max_message_bytes=message_bytes,
         )  # fmt: skip
         servicer = ImageServicer(
             planners=pools["planner"],

@@ -19,7 +19,6 @@ from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST_ID_CHARS = 128
 FORMATS = {common_pb2.IMAGE_FORMAT_UNSPECIFIED, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_JPEG,
            common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
 

@@ -9,7 +9,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from stages import busy_pod, metric, pixels, restart
+from grpc_health.v1 import health_pb2
+from servers import SERVING, health_status
+from stages import busy_pod, health_status_or_none, metric, pixels, restart
 
 from gateway.client import ImageClient
 from glmimage.v1 import common_pb2
@@ -23,7 +25,9 @@ pytestmark = [
 ]
 
 PROMPT = "a poster that says 'HELLO'"
-GATEWAY_ARGS = ["--health-interval-seconds", "0.5", "--resolve-interval-seconds", "1", "--health-check-seconds", "0.5"]
+STALL_SECONDS = 3
+GATEWAY_ARGS = ["--health-interval-seconds", "0.5", "--resolve-interval-seconds", "1", "--health-check-seconds", "0.5",
+                "--stall-timeout-seconds", str(STALL_SECONDS)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,16 @@ def cluster(model_dir):
 def client(cluster):
     with ImageClient(cluster.gateway.address) as c:
         yield c
+
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_for_health(service, status: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while health_status_or_none(service.address) != status:
+        assert time.monotonic() < deadline, f"{service.name} did not become {status}"
+        time.sleep(0.2)
 
 
 def served_by(pod, request_id: str) -> bool:
@@ -192,3 +206,39 @@ def test_a_burst_at_one_planner_and_one_decoder_with_default_settings_completes(
         assert len(results) == 24
         gateway = burst_cluster.gateway
         assert metric(gateway, "glmimage_gateway_retries_total", stage="decoder") == 0
+
+
+def test_a_frozen_decoder_pod_is_abandoned_and_the_plan_replayed(client, cluster, pipe):
+    """SIGSTOP mid-denoise: no event for the stall timeout, so the gateway replays the plan on the
+    other pod instead of waiting for the deadline."""
+    frozen = []
+
+    def on_progress(stage, done, total):
+        if stage == common_pb2.STAGE_DECODING and done == 2 and not frozen:
+            frozen.append(busy_pod(cluster.pods("decoder"), "decoder"))
+            frozen[0].signal(signal.SIGSTOP)
+
+    started = time.monotonic()
+    try:
+        result = client.generate(PROMPT, 256, 256, seed=3, num_inference_steps=40, on_progress=on_progress, timeout=60)
+    finally:
+        for pod in frozen:
+            pod.signal(signal.SIGCONT)
+    assert frozen and result.completed.decoder_attempts == 2
+    assert time.monotonic() - started < STALL_SECONDS + 15
+    expected = reference.render(pipe, PROMPT, 256, 256, seed=3, steps=40)
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+
+
+def test_the_gateway_is_not_ready_while_a_stage_has_no_serving_pod(client, cluster):
+    planners = [p for p in cluster.pods("planner") if p.alive()]
+    for pod in planners:
+        pod.signal(signal.SIGSTOP)
+    try:
+        wait_for_health(cluster.gateway, NOT_SERVING)
+        assert health_status(cluster.gateway.address, "liveness") == SERVING  # alive: not to be restarted
+    finally:
+        for pod in planners:
+            pod.signal(signal.SIGCONT)
+    wait_for_health(cluster.gateway, SERVING)
+    assert client.generate(PROMPT, 256, 256, seed=1, num_inference_steps=2).image
