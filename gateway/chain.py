@@ -17,7 +17,9 @@ never duplicates image bytes.
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -100,12 +102,21 @@ def _describe(error: BaseException) -> str:
     return error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)
 
 
-async def _next(iterator, within: float | None):
-    """The next item of a call's stream; _Stalled when none comes within `within` seconds."""
+async def _next(iterator, quiet_until: Callable[[], float], stall_s: float):
+    """The next item of a call's stream; _Stalled once time.monotonic() passes `quiet_until()`, which
+    is asked again every second (it moves: a decoder must be sending only once it holds the plan)."""
+    read = asyncio.ensure_future(anext(iterator))
     try:
-        return await asyncio.wait_for(anext(iterator), within)
-    except TimeoutError:
-        raise _Stalled(f"no event for {within:g} s") from None
+        while True:
+            left = quiet_until() - time.monotonic()
+            if left <= 0:
+                raise _Stalled(f"no event for {stall_s:g} s")
+            done, _ = await asyncio.wait({read}, timeout=min(left, 1.0))
+            if done:
+                return read.result()
+    finally:
+        if not read.done():
+            read.cancel()
 
 
 class Chain:
@@ -180,12 +191,15 @@ class Chain:
     async def _plan_once(self, replica: Replica) -> None:
         call = replica.stub.Plan(self.request.plan_request(), timeout=self._remaining(), metadata=self.metadata)
         chunks = aiter(call)
+        stall_s = self.options.stall_s
+        last = time.monotonic()
         try:
             while True:
                 try:
-                    chunk = await _next(chunks, self.options.stall_s)
+                    chunk = await _next(chunks, lambda until=last + stall_s: until, stall_s)
                 except StopAsyncIteration:
                     break
+                last = time.monotonic()
                 await self._add_chunk(chunk)
         except BaseException:
             call.cancel()
@@ -240,7 +254,7 @@ class Chain:
         async with self.plan_changed:
             await self.plan_changed.wait_for(self._near_done)
 
-    async def _feed(self, call: grpc.aio.StreamStreamCall, epoch: int, fed: asyncio.Event) -> None:
+    async def _feed(self, call: grpc.aio.StreamStreamCall, epoch: int, fed: list[float]) -> None:
         await call.write(decoder_pb2.DecodeRequest(spec=self.request.decode_spec()))
         sent = 0
         while True:
@@ -256,23 +270,30 @@ class Chain:
             sent += len(pending)
             if complete and sent == len(self.plan):
                 await call.done_writing()
-                fed.set()
+                fed.append(time.monotonic())
                 return
 
     async def _decode_once(self, replica: Replica) -> common_pb2.Completed:
         epoch = self.epoch
         call = replica.stub.Decode(timeout=self._remaining(), metadata=self.metadata)
         self.decode_call = call
-        fed = asyncio.Event()  # the decoder holds the whole plan: from now on it must keep sending events
+        fed: list[float] = []  # when the decoder got the whole plan: from then on it must keep sending events
         feeder = asyncio.create_task(self._feed(call, epoch, fed))
         events = aiter(call)
         image: list[bytes] = []
+        stall_s = self.options.stall_s
+        last = 0.0
+
+        def quiet_until() -> float:
+            return max(fed[0], last) + stall_s if fed else math.inf
+
         try:
             while True:
                 try:
-                    event = await _next(events, self.options.stall_s if fed.is_set() else None)
+                    event = await _next(events, quiet_until, stall_s)
                 except StopAsyncIteration:
                     break
+                last = time.monotonic()
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     if event.progress.done:  # done == 0: a heartbeat while it waits for a slot

@@ -23,7 +23,7 @@ from testkit.hosts import HostsEntries
 REPO = Path(__file__).resolve().parent.parent
 # The tiny model serves small images; these limits let it.
 DEV_LIMITS = ["--min-side", "256", "--max-side", "1024"]
-STAGE_NAMES = {"planner": "glm-planner.test", "decoder": "glm-decoder.test"}
+STAGE_NAMES = {"planner": "glm-planner-{}.test", "decoder": "glm-decoder-{}.test"}  # {}: the hosts marker
 STAGE_SUBNETS = {"planner": "127.0.1", "decoder": "127.0.2"}
 
 
@@ -96,12 +96,16 @@ class Cluster:
             for _ in range(count):
                 self.services.append(self._pod(kind))
         if self.behind_names:
-            targets = {kind: f"dns:///{STAGE_NAMES[kind]}:{port}" for kind, port in self.stage_ports.items()}
+            targets = {kind: f"dns:///{self.stage_name(kind)}:{port}" for kind, port in self.stage_ports.items()}
         else:
             targets = {kind: ",".join(s.address for s in self.pods(kind)) for kind in ("planner", "decoder")}
         self.gateway = self._service("gateway", ["gateway", "--planner", targets["planner"], "--decoder",
                                                  targets["decoder"], *DEV_LIMITS, *self.gateway_args], gateway_port)  # fmt: skip
         self.services.append(self.gateway)
+
+    def stage_name(self, kind: str) -> str:
+        """The name the stage's pods are published under (unique per cluster)."""
+        return STAGE_NAMES[kind].format(self.hosts.marker.rsplit(" ", 1)[-1])
 
     def pods(self, kind: str) -> list[Service]:
         return [s for s in self.services if s.name.startswith(kind)]
@@ -129,7 +133,7 @@ class Cluster:
 
     def publish(self, pod: Service) -> None:
         if self.hosts is not None:
-            self.hosts.add(pod.host, STAGE_NAMES[pod.name.rstrip("0123456789")])
+            self.hosts.add(pod.host, self.stage_name(pod.name.rstrip("0123456789")))
 
     def unpublish(self, pod: Service) -> None:
         if self.hosts is not None:

@@ -3,16 +3,18 @@
 several lines (`multi on`, Debian's default). Needs write access to /etc/hosts (root); every line
 added carries a marker and is removed again, so the machine is left as it was."""
 
+import itertools
 import os
 from pathlib import Path
 
 HOSTS = Path("/etc/hosts")
+_instances = itertools.count()
 
 
 class HostsEntries:
     def __init__(self, path: Path = HOSTS):
         self.path = path
-        self.marker = f"# glm-image-serve test {os.getpid()}"
+        self.marker = f"# glm-image-serve test {os.getpid()}-{next(_instances)}"
 
     @staticmethod
     def writable(path: Path = HOSTS) -> bool:

@@ -8,6 +8,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from images import CONDITION_CASES, model_input, png_of_size
 from PIL import Image
 from servers import SERVING, health_status
 from stages import metric, pixels, restart
@@ -195,6 +196,22 @@ def test_concurrent_requests_all_complete(client):
     for t in threads:
         t.join(120)
     assert not errors and len(results) == 4
+
+
+@pytest.mark.parametrize("case", ["1024x1024 PNG", "333x777 PNG", "4000x3000 JPEG shown portrait (EXIF)"])
+def test_image_to_image_with_any_photo_equals_the_monolithic_pipeline_given_the_resized_image(client, pipe, case):
+    make, size = CONDITION_CASES[case]
+    data = make()
+    result = client.generate(PROMPT, 256, 256, seed=5, num_inference_steps=2, condition_images=[data])
+    expected = reference.render(pipe, PROMPT, 256, 256, seed=5, steps=2, images=[model_input(data, size)])
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+
+
+def test_four_condition_images_at_the_byte_limit_pass_every_hop(client):
+    """The documented limits (4 images of 8 MiB) fit the message limits of client, gateway and stages."""
+    images = [png_of_size(8 * 1024 * 1024, seed=i) for i in range(4)]
+    result = client.generate(PROMPT, 256, 256, seed=1, num_inference_steps=1, condition_images=images)
+    assert result.completed.width == 256 and len(result.image) > 0
 
 
 def test_graceful_shutdown_exits_zero(cluster):

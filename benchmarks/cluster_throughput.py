@@ -1,0 +1,185 @@
+"""Cluster throughput: P planners and D decoders behind one name each, driven through the gateway.
+
+Closed loop at concurrency C (or open loop at --rate requests/s), then prints images/s, latency
+percentiles, errors by status code, each stage's busy fraction (time with a request being served:
+a plan generating, a decode denoising), and the bound measured in the same run:
+min(planner-only plans/s at concurrency C, D x decoder-only images/s fed stored plans).
+
+    .venv/bin/python benchmarks/cluster_throughput.py --planners 1 --decoders 2 --concurrency 16 \
+        [--requests 64] [--rate 0] [--size 256x256] [--steps 8] [--engine vllm] [--gateway-args "..."] [--json]
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import json
+import os
+import random
+import shlex
+import statistics
+import threading
+import time
+
+import grpc
+
+from gateway.client import ImageClient
+from glmimage.v1 import decoder_pb2, decoder_pb2_grpc, planner_pb2, planner_pb2_grpc
+from testkit.cluster import Cluster
+from testkit.hosts import HostsEntries
+
+PROMPT = "a poster that says 'HELLO'"
+
+
+def busy_seconds(pod, stage: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{pod.host}:{pod.metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "glmimage_busy_seconds_total" and sample.labels.get("stage") == stage:
+                return sample.value
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def run_pool(jobs: int, concurrency: int, work, rate: float = 0.0) -> float:
+    """Runs work(i) for i < jobs with at most `concurrency` at once (or arriving at `rate`/s, Poisson);
+    returns the wall seconds."""
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(concurrency, 1) if not rate else jobs) as pool:
+        futures = []
+        arrivals = random.Random(0)
+        for i in range(jobs):
+            if rate:
+                time.sleep(arrivals.expovariate(rate))
+            futures.append(pool.submit(work, i))
+        for future in futures:
+            future.result()
+    return time.perf_counter() - started
+
+
+def planner_only(cluster: Cluster, args, width: int, height: int) -> tuple[float, list[list]]:
+    """Plans/s with C streams spread over the planner pods; the plans, kept for the decoders."""
+    channels = [grpc.insecure_channel(p.address) for p in cluster.pods("planner")]
+    stubs = [planner_pb2_grpc.PlannerServiceStub(c) for c in channels]
+    plans: list[list] = [None] * args.requests
+
+    def plan(i: int) -> None:
+        request = planner_pb2.PlanRequest(prompt=PROMPT, width=width, height=height, seed=i)
+        plans[i] = list(stubs[i % len(stubs)].Plan(request, timeout=600))
+
+    wall = run_pool(args.requests, args.concurrency, plan)
+    for c in channels:
+        c.close()
+    return args.requests / wall, plans
+
+
+def decoder_only(cluster: Cluster, args, plans: list[list], width: int, height: int) -> float:
+    """Images/s of one decoder pod fed stored plans, two calls in flight so that it never waits."""
+    pod = cluster.pods("decoder")[0]
+    with grpc.insecure_channel(pod.address) as channel:
+        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+
+        def decode(i: int) -> None:
+            spec = decoder_pb2.DecodeSpec(prompt=PROMPT, width=width, height=height, seed=i,
+                                          num_inference_steps=args.steps)  # fmt: skip
+            chunks = plans[i % len(plans)]
+            requests = [
+                decoder_pb2.DecodeRequest(spec=spec),
+                *(decoder_pb2.DecodeRequest(plan_chunk=c) for c in chunks),
+            ]
+            for _ in stub.Decode(iter(requests), timeout=600):
+                pass
+
+        count = max(args.requests // 2, 8)
+        return count / run_pool(count, 2, decode)
+
+
+def through_gateway(cluster: Cluster, args, width: int, height: int) -> dict:
+    latencies, errors = [], collections.Counter()
+    lock = threading.Lock()
+    pods = [(p, kind) for kind in ("planner", "decoder") for p in cluster.pods(kind)]
+    with ImageClient(cluster.gateway.address) as client:
+
+        def one(i: int) -> None:
+            started = time.perf_counter()
+            try:
+                client.generate(PROMPT, width, height, seed=1000 + i, num_inference_steps=args.steps, timeout=600)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+            except grpc.RpcError as error:
+                with lock:
+                    errors[error.code().name] += 1
+
+        busy_before = {p.name: busy_seconds(p, kind) for p, kind in pods}
+        wall = run_pool(args.requests, args.concurrency, one, args.rate)
+        busy = {p.name: (busy_seconds(p, kind) - busy_before[p.name]) / wall for p, kind in pods}
+    return {
+        "images_per_s": len(latencies) / wall,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        "p99_s": percentile(latencies, 0.99),
+        "mean_s": statistics.mean(latencies) if latencies else float("nan"),
+        "errors": dict(errors),
+        "busy_fraction": busy,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.environ.get("MODEL_DIR", ".cache/tiny-glm-image"))
+    parser.add_argument("--engine", default="vllm", choices=["transformers", "vllm"])
+    parser.add_argument("--planners", type=int, default=1)
+    parser.add_argument("--decoders", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64, help="requests per measurement")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: arrivals per second (0: closed loop)")
+    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--gateway-args", default="", help="extra gateway flags, e.g. --decoder-bind-lead-seconds 0")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for gateway.capacity)")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    behind_names = HostsEntries.writable()
+
+    with Cluster(args.model, engine=args.engine, planners=args.planners, decoders=args.decoders,
+                 behind_names=behind_names, gateway_args=shlex.split(args.gateway_args)) as cluster:  # fmt: skip
+        with ImageClient(cluster.gateway.address) as client:  # warm-up: every pod, both stages
+            run_pool(2 * (args.planners + args.decoders), args.planners + args.decoders,
+                     lambda i: client.generate(PROMPT, width, height, seed=i, num_inference_steps=1))  # fmt: skip
+        plans_per_s, plans = planner_only(cluster, args, width, height)
+        images_per_s = decoder_only(cluster, args, plans, width, height)
+        measured = through_gateway(cluster, args, width, height)
+
+    bound = min(plans_per_s, args.decoders * images_per_s)
+    result = {
+        "planners": args.planners, "decoders": args.decoders, "concurrency": args.concurrency,
+        "rate": args.rate, "size": args.size, "steps": args.steps, "engine": args.engine,
+        "gateway_args": args.gateway_args, "planner_only_plans_per_s": plans_per_s,
+        "decoder_only_images_per_s": images_per_s, "bound_images_per_s": bound,
+        "fraction_of_bound": measured["images_per_s"] / bound, **measured,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return
+    mode = f"open loop at {args.rate:g}/s" if args.rate else f"closed loop at concurrency {args.concurrency}"
+    print(f"{args.planners} planner(s) + {args.decoders} decoder(s), {args.size}, {args.steps} steps, planner engine "
+          f"{args.engine}, {mode}, {args.requests} requests {args.gateway_args}")  # fmt: skip
+    print(f"planner only: {plans_per_s:.2f} plans/s; one decoder fed stored plans: {images_per_s:.2f} images/s")
+    print(f"bound: {bound:.2f} images/s")
+    print(f"through the gateway: {measured['images_per_s']:.2f} images/s = {result['fraction_of_bound']:.2f} x bound")
+    print(f"latency p50 {measured['p50_s']:.2f} s, p95 {measured['p95_s']:.2f} s, p99 {measured['p99_s']:.2f} s")
+    print(f"errors: {measured['errors'] or 'none'}")
+    print("busy: " + ", ".join(f"{name} {share:.0%}" for name, share in measured["busy_fraction"].items()))
+
+
+if __name__ == "__main__":
+    main()
