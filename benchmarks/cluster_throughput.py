@@ -145,13 +145,19 @@ def main() -> None:
     parser.add_argument("--size", default="256x256")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--gateway-args", default="", help="extra gateway flags, e.g. --decoder-bind-lead-seconds 0")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads per stage process (0: the libraries' default, every core); "
+        "1 keeps the stages from fighting over a small machine's cores, as separate GPUs would not",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object (for gateway.capacity)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     behind_names = HostsEntries.writable()
 
+    threads = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"} if args.threads else {}
     with Cluster(args.model, engine=args.engine, planners=args.planners, decoders=args.decoders,
-                 behind_names=behind_names, gateway_args=shlex.split(args.gateway_args)) as cluster:  # fmt: skip
+                 behind_names=behind_names, gateway_args=shlex.split(args.gateway_args),
+                 stage_env={"planner": threads, "decoder": threads}) as cluster:  # fmt: skip
         with ImageClient(cluster.gateway.address) as client:  # warm-up: every pod, both stages
             run_pool(2 * (args.planners + args.decoders), args.planners + args.decoders,
                      lambda i: client.generate(PROMPT, width, height, seed=i, num_inference_steps=1))  # fmt: skip
@@ -163,7 +169,7 @@ def main() -> None:
     result = {
         "planners": args.planners, "decoders": args.decoders, "concurrency": args.concurrency,
         "rate": args.rate, "size": args.size, "steps": args.steps, "engine": args.engine,
-        "gateway_args": args.gateway_args, "planner_only_plans_per_s": plans_per_s,
+        "gateway_args": args.gateway_args, "threads": args.threads, "planner_only_plans_per_s": plans_per_s,
         "decoder_only_images_per_s": images_per_s, "bound_images_per_s": bound,
         "fraction_of_bound": measured["images_per_s"] / bound, **measured,
     }  # fmt: skip

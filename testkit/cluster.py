@@ -41,6 +41,7 @@ class Service:
     metrics_port: int
     log_path: Path
     host: str = "127.0.0.1"
+    env: dict[str, str] = field(default_factory=dict)  # on top of the caller's environment
     process: subprocess.Popen | None = None
 
     @property
@@ -52,7 +53,7 @@ class Service:
         self.process = subprocess.Popen(
             [sys.executable, "-m", *self.args, "--host", self.host, "--port", str(self.port),
              "--metrics-port", str(self.metrics_port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO, env={**env, **self.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     def alive(self) -> bool:
@@ -84,6 +85,7 @@ class Cluster:
     log_dir: Path = REPO / "out" / "logs"
     gateway_args: list[str] = field(default_factory=list)
     stage_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per stage kind
+    stage_env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per stage kind
     behind_names: bool = False
     services: list[Service] = field(default_factory=list)
 
@@ -117,9 +119,16 @@ class Cluster:
             "decoder_service", "--model", self.model_dir]  # fmt: skip
         args += [*DEV_LIMITS, *self.stage_args.get(kind, [])]
         if self.behind_names:
-            return self._service(f"{kind}{index}", args, self.stage_ports[kind], f"{STAGE_SUBNETS[kind]}.{index + 1}")
-        port = self.stage_ports[kind] + index if self.ports else (self.stage_ports[kind] if index == 0 else free_port())
-        return self._service(f"{kind}{index}", args, port)
+            pod = self._service(f"{kind}{index}", args, self.stage_ports[kind], f"{STAGE_SUBNETS[kind]}.{index + 1}")
+        else:
+            port = (
+                self.stage_ports[kind] + index
+                if self.ports
+                else (self.stage_ports[kind] if index == 0 else free_port())
+            )
+            pod = self._service(f"{kind}{index}", args, port)
+        pod.env = self.stage_env.get(kind, {})
+        return pod
 
     def add_pod(self, kind: str) -> Service:
         """Starts one more pod of `kind`; behind a name, it is published once it is ready (as Kubernetes
