@@ -41,6 +41,7 @@ bench: stubs tiny-model
 	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/planner_engines.py --model $(MODEL_DIR)
 	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/decoder_tail_latency.py
 	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/split_overhead.py --model $(MODEL_DIR)
+	@MODEL_DIR=$(MODEL_DIR) $(PY) benchmarks/cluster_throughput.py --model $(MODEL_DIR) --planners 1 --decoders 2 --requests 48
 
 clean:
 	rm -rf .cache out glmimage
