@@ -168,7 +168,7 @@ def test_deadline_aborts_the_vllm_request(stub, engine, aborts):
     request = greedy_request(512, 512)
     request.request_id = "short-deadline"
     with pytest.raises(grpc.RpcError) as error:
-        receive_plan(stub.Plan(request, timeout=1.0))
+        receive_plan(stub.Plan(request, timeout=0.4))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: reported_aborted(aborts, "short-deadline"))
     wait_until(lambda: engine.engine.output_processor.get_num_unfinished_requests() == 0)
