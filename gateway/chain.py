@@ -80,8 +80,8 @@ class _PlanRestarted(Exception):
     """The decoder's plan was withdrawn: a planner failed and another one starts over."""
 
 
-class _Stalled(Exception):
-    """A stage sent nothing for `stall_s` while it should have been working."""
+class _ReplicaFailed(Exception):
+    """The replica misbehaved without a status: it stalled, or ended its stream early. Try another."""
 
 
 @dataclass
@@ -103,14 +103,14 @@ def _describe(error: BaseException) -> str:
 
 
 async def _next(iterator, quiet_until: Callable[[], float], stall_s: float):
-    """The next item of a call's stream; _Stalled once time.monotonic() passes `quiet_until()`, which
+    """The next item of a call's stream; _ReplicaFailed once time.monotonic() passes `quiet_until()`, which
     is asked again every second (it moves: a decoder must be sending only once it holds the plan)."""
     read = asyncio.ensure_future(anext(iterator))
     try:
         while True:
             left = quiet_until() - time.monotonic()
             if left <= 0:
-                raise _Stalled(f"no event for {stall_s:g} s")
+                raise _ReplicaFailed(f"no event for {stall_s:g} s")
             done, _ = await asyncio.wait({read}, timeout=min(left, 1.0))
             if done:
                 return read.result()
@@ -152,7 +152,7 @@ class Chain:
 
     def _exhausted(self, stage: str, attempts: int, last: BaseException | None) -> Unavailable:
         detail = f" (last error: {last.details()})" if isinstance(last, grpc.aio.AioRpcError) else ""
-        if isinstance(last, _Stalled):
+        if isinstance(last, _ReplicaFailed):
             detail = f" (last error: {last})"
         return Unavailable(f"{stage}: no replica could serve the request after {attempts} attempt(s){detail}")
 
@@ -174,7 +174,7 @@ class Chain:
                 if error.code() not in RETRYABLE:
                     raise self._error(stage, error) from None
                 last = error
-            except _Stalled as error:
+            except _ReplicaFailed as error:
                 last = error
             finally:
                 pool.release(replica)
@@ -201,6 +201,8 @@ class Chain:
                     break
                 last = time.monotonic()
                 await self._add_chunk(chunk)
+            if not self.plan or not self.plan[-1].HasField("summary"):
+                raise _ReplicaFailed("it closed the stream before its plan was complete")
         except BaseException:
             call.cancel()
             raise
@@ -306,9 +308,7 @@ class Chain:
                             image_service_pb2.GenerateEvent(image_chunk=common_pb2.ImageChunk(data=data))
                         )
                     return event.completed
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, None, None, "the decoder closed the stream without completing"
-            )
+            raise _ReplicaFailed("it closed the stream without completing")
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
             # A plan restart cancels this call; reading it then raises CancelledError (or CANCELLED)
             # although this task itself is not being cancelled.

@@ -18,8 +18,7 @@ def build_inputs(
     inputs = processor.apply_chat_template(
         [[{"role": "user", "content": content}]],
         tokenize=True,
-        target_h=height,
-        target_w=width,
+        processor_kwargs={"target_h": height, "target_w": width},
         return_dict=True,
         return_tensors="pt",
     )

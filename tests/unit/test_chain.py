@@ -24,7 +24,8 @@ STEPS = 3
 @dataclass
 class Script:
     """What the next calls do, in order, whichever replica they reach (replicas may share one):
-    "ok", "unavailable-before", "unavailable-mid", "stall-mid", "invalid", "busy"; the last repeats."""
+    "ok", "unavailable-before", "unavailable-mid", "stall-mid", "close-mid" (end the stream early,
+    with no status), "invalid", "busy"; the last repeats."""
 
     actions: list[str] = field(default_factory=lambda: ["ok"])
     calls: int = 0
@@ -62,6 +63,8 @@ class ScriptedPlanner(planner_pb2_grpc.PlannerServiceServicer):
                                                                   codebook_size=16, plan_format="f"))  # fmt: skip
         yield planner_pb2.PlanChunk(tokens=planner_pb2.PlanTokens(grid=planner_pb2.GRID_TARGET, offset=0, ids=[1, 2]))
         await act_mid(action, context)
+        if action == "close-mid":
+            return
         yield planner_pb2.PlanChunk(tokens=planner_pb2.PlanTokens(grid=planner_pb2.GRID_TARGET, offset=2, ids=[3, 4]))
         yield planner_pb2.PlanChunk(summary=planner_pb2.PlanSummary())
 
@@ -88,6 +91,8 @@ class ScriptedDecoder(decoder_pb2_grpc.DecoderServiceServicer):
                                                                        total=STEPS))  # fmt: skip
             if done == 2:
                 await act_mid(action, context)
+                if action == "close-mid":
+                    return
         yield decoder_pb2.DecodeEvent(image_chunk=common_pb2.ImageChunk(data=bytes(ids)))
         yield decoder_pb2.DecodeEvent(completed=common_pb2.Completed(width=64, height=64))
 
@@ -170,7 +175,7 @@ def test_the_happy_path_streams_progress_and_the_image():
     assert (completed(outcome).planner_attempts, completed(outcome).decoder_attempts) == (1, 1)
 
 
-@pytest.mark.parametrize("failure", ["unavailable-before", "unavailable-mid", "stall-mid"])
+@pytest.mark.parametrize("failure", ["unavailable-before", "unavailable-mid", "stall-mid", "close-mid"])
 def test_a_failed_planner_is_replaced_and_the_decoder_gets_the_new_plan(failure):
     script = Script([failure, "ok"])
     outcome, _, (decoder,), _ = run(run_chain([script, script], [Script()]))
@@ -178,7 +183,7 @@ def test_a_failed_planner_is_replaced_and_the_decoder_gets_the_new_plan(failure)
     assert decoder.plans == [[1, 2, 3, 4]]  # one decode, of the complete plan from the second planner
 
 
-@pytest.mark.parametrize("failure", ["unavailable-before", "unavailable-mid", "stall-mid"])
+@pytest.mark.parametrize("failure", ["unavailable-before", "unavailable-mid", "stall-mid", "close-mid"])
 def test_a_failed_decoder_is_replaced_and_the_plan_replayed_not_regenerated(failure):
     script = Script([failure, "ok"])
     outcome, (planner,), decoders, _ = run(run_chain([Script()], [script, script]))
