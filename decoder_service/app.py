@@ -37,4 +37,5 @@ def make_service(settings: DecoderSettings, engine: DecoderEngine | None = None)
         register=lambda server: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server),
         start=runner.start,
         stop=runner.stop,
+        stage="decoder",
     )

@@ -64,7 +64,7 @@ def job_from_proto(
     check_steps_and_guidance(spec, limits)
     check_condition_images(spec.condition_images, limits)
     if spec.output_format not in _FORMATS_IN:
-        raise InvalidRequest(f"output_format {spec.output_format} is not one of PNG, JPEG, WEBP")
+        raise InvalidRequest(f"output_format {spec.output_format} is not one of PNG, JPEG, WEBP", "output_format")
     return DecodeJob(
         request_id=spec.request_id or request_id or uuid.uuid4().hex,
         prompt=spec.prompt,

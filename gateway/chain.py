@@ -27,7 +27,7 @@ import grpc
 from gateway import metrics
 from gateway.replicas import Replica, ReplicaPool
 from glmimage.v1 import common_pb2, decoder_pb2, image_service_pb2, planner_pb2
-from servekit.errors import ServiceError, Unavailable, UpstreamError
+from servekit.errors import ServiceError, Unavailable, UpstreamError, status_details
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,15 @@ class Chain:
         return max(self.deadline - time.monotonic(), 0.001)
 
     def _error(self, stage: str, error: grpc.aio.AioRpcError) -> ServiceError:
-        return UpstreamError(error.code(), f"{stage}: {error.details()}")
+        return UpstreamError(error.code(), f"{stage}: {error.details()}", status_details(error))
 
     def _exhausted(self, stage: str, attempts: int, last: BaseException | None) -> Unavailable:
         detail = f" (last error: {last.details()})" if isinstance(last, grpc.aio.AioRpcError) else ""
         if isinstance(last, _ReplicaFailed):
             detail = f" (last error: {last})"
-        return Unavailable(f"{stage}: no replica could serve the request after {attempts} attempt(s){detail}")
+        return Unavailable(
+            f"{stage}: no replica could serve the request after {attempts} attempt(s){detail}", stage=stage
+        )
 
     async def _run_stage(self, stage: str, pool: ReplicaPool, attempts: int, once, on_failure):
         """Runs `once(replica)` on replicas leased from `pool` until it succeeds: a busy replica

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from gateway.client import FORMATS, ImageClient
+from gateway.client import FORMATS, ImageClient, error_details
 from glmimage.v1 import common_pb2
 
 BAR_WIDTH = 30
@@ -63,6 +63,8 @@ def generate(args) -> int:
         except grpc.RpcError as error:
             bars.finish()
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            for line in error_details(error).lines():
+                print(f"  {line}", file=sys.stderr)
             return 1
     bars.finish()
     with open(args.out, "wb") as out:

@@ -12,11 +12,53 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 
 FORMATS = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
            "webp": common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a failed call's google.rpc details say (empty fields when it carried none)."""
+
+    reason: str = ""  # stable: INVALID_REQUEST, OVERLOADED, NO_REPLICA, STALLED, ...
+    stage: str = ""  # gateway, planner or decoder
+    fields: tuple[tuple[str, str], ...] = ()  # (field, what is wrong with it)
+    retry_after_s: float | None = None
+
+    def lines(self) -> list[str]:
+        lines = [f"reason {self.reason} (stage {self.stage})"] if self.reason else []
+        lines += [f"field {name}: {description}" for name, description in self.fields]
+        if self.retry_after_s is not None:
+            lines.append(f"retry after {self.retry_after_s:g} s")
+        return lines
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    status = rpc_status.from_call(error)
+    if status is None:
+        return ErrorDetails()
+    reason = stage = ""
+    fields: list[tuple[str, str]] = []
+    retry_after = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, stage = info.reason, info.metadata.get("stage", "")
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    return ErrorDetails(reason, stage, tuple(fields), retry_after)
 
 
 @dataclass

@@ -233,7 +233,8 @@ class ReplicaPool:
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{self.stage}: the deadline passed after {time.monotonic() - started:.1f} s waiting for a replica "
-                f"with room ({len(self.serving())} SERVING)"
+                f"with room ({len(self.serving())} SERVING)",
+                stage=self.stage,
             ) from None
         finally:
             if not granted and future.done() and not future.cancelled():

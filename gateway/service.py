@@ -63,4 +63,4 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
         for pool in pools.values():
             await pool.close()
 
-    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop, check=check)
+    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop, check=check, stage="gateway")

@@ -31,7 +31,7 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
     validation.check_steps_and_guidance(request, limits)
     validation.check_condition_images(request.condition_images, limits)
     if request.output_format not in FORMATS:
-        raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}")
+        raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}", "output_format")
     return ResolvedRequest(
         request_id=request.request_id or secrets.token_hex(8),
         prompt=request.prompt,

@@ -56,11 +56,13 @@ def _decode(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise InvalidRequest(
-                    f"{name} is {image.width}x{image.height} pixels; at most {MAX_PIXELS} pixels are allowed"
+                    f"{name} is {image.width}x{image.height} pixels; at most {MAX_PIXELS} pixels are allowed", name
                 )
             upright = ImageOps.exif_transpose(image)  # decodes: a truncated file fails here
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise InvalidRequest(f"{name} is not a decodable PNG, JPEG or WebP image ({type(error).__name__})") from None
+        raise InvalidRequest(
+            f"{name} is not a decodable PNG, JPEG or WebP image ({type(error).__name__})", name
+        ) from None
     return upright.convert("RGB")  # as the processor's convert_to_rgb
 
 
@@ -74,7 +76,8 @@ def read_condition_image(data: bytes, index: int, rule: ResizeRule) -> Image.Ima
     if min(width, height) < MIN_SIDE or max(width, height) / min(width, height) >= MAX_ASPECT_RATIO:
         raise InvalidRequest(
             f"{name} is {width}x{height} pixels; each side must be at least {MIN_SIDE} pixels and the aspect "
-            f"ratio below {MAX_ASPECT_RATIO:g}"
+            f"ratio below {MAX_ASPECT_RATIO:g}",
+            name,
         )
     rows, cols = rule.grid(width, height)
     size = (cols * SIZE_MULTIPLE, rows * SIZE_MULTIPLE)  # a grid cell is 32 DiT pixels (2x2 patches)
@@ -88,7 +91,8 @@ def read_condition_image(data: bytes, index: int, rule: ResizeRule) -> Image.Ima
         raise InvalidRequest(
             f"{name} is {width}x{height} pixels; in whole grid cells it becomes {size[0]}x{size[1]}, which the "
             f"model's processor does not take as is: send an image whose aspect ratio is further below "
-            f"{MAX_ASPECT_RATIO:g}"
+            f"{MAX_ASPECT_RATIO:g}",
+            name,
         )
     return image
 

@@ -50,6 +50,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
         start=start,
         stop=engine.shutdown,
         check=engine.check_health,
+        stage="planner",
     )
 
 

@@ -2,6 +2,10 @@
 
 Service code raises these; it never calls context.abort itself. Anything else that escapes a
 handler is a bug: INTERNAL with a generic message, and the trace in the log.
+
+Every status also carries google.rpc details (grpc-status-details-bin, read with grpcio-status):
+`ErrorInfo` (domain `glmimage.v1`, a stable `reason`, the `stage` that raised it), `BadRequest`
+naming the field an `InvalidRequest` is about, `RetryInfo` where waiting helps.
 """
 
 import inspect
@@ -10,84 +14,155 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 logger = logging.getLogger(__name__)
 
+DOMAIN = "glmimage.v1"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
 
 class ServiceError(Exception):
-    """An error a client can act on; `code` is the gRPC status it maps to."""
+    """An error a client can act on; `code` is the gRPC status it maps to, `reason` a stable name."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+    retry_after_s: float | None = None  # a RetryInfo hint, where waiting helps
+
+    def __init__(self, message: str = "", *, stage: str = ""):
+        super().__init__(message)
+        self.stage = stage  # the stage the error is about, when not the one raising it (gateway)
+
+    def rpc_details(self, stage: str) -> list:
+        """The google.rpc detail messages of this error's status; `stage` is the one raising it."""
+        metadata = {"stage": self.stage or stage}
+        details: list = [error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)]
+        if self.retry_after_s is not None:
+            seconds = int(self.retry_after_s)
+            delay = duration_pb2.Duration(seconds=seconds, nanos=int((self.retry_after_s - seconds) * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        return details
 
 
 class InvalidRequest(ServiceError):
-    """The request breaks a rule; the message states the rule."""
+    """The request breaks a rule; the message states the rule, `field` names what breaks it."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, message: str, field: str = "", *, stage: str = ""):
+        super().__init__(message, stage=stage)
+        self.field = field
+
+    def rpc_details(self, stage: str) -> list:
+        details = super().rpc_details(stage)
+        if self.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=str(self))
+            details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+        return details
 
 
 class IncompatiblePlan(ServiceError):
     """A plan written in another codebook than this decoder's (mixed-version rollout)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INCOMPATIBLE_PLAN"
 
 
 class Overloaded(ServiceError):
     """Admission refused: too many requests in flight and queued."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+    retry_after_s = 1.0
 
 
 class NotReady(ServiceError):
     """The service is loading or draining."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "NOT_READY"
+    retry_after_s = 5.0
 
 
 class Unavailable(ServiceError):
     """A downstream stage cannot be reached (gateway)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "NO_REPLICA"
+    retry_after_s = 5.0
 
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class Stalled(ServiceError):
     """The other side stopped sending what the call waits for; the call is ended to free its place."""
 
     code = grpc.StatusCode.ABORTED
+    reason = "STALLED"
 
 
 class UpstreamError(ServiceError):
-    """A status from another service, passed on unchanged (code and message)."""
+    """A status from another service, passed on unchanged (code, message and details)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, details: list[any_pb2.Any] | None = None):
         super().__init__(message)
         self.code = code
+        self.details = details or []
+
+    def rpc_details(self, stage: str) -> list:
+        return self.details
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
-    if isinstance(error, ServiceError):
-        await context.abort(error.code, str(error))
-    logger.exception("unhandled error in %s", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+def status_details(error: grpc.RpcError) -> list[any_pb2.Any]:
+    """The google.rpc details a failed call carried (packed), [] when none or unreadable."""
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY:
+            try:
+                return list(status_pb2.Status.FromString(value).details)
+            except DecodeError:
+                return []
+    return []
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str):
+def _status_metadata(code: grpc.StatusCode, message: str, details: list) -> tuple:
+    packed = []
+    for detail in details:
+        if isinstance(detail, any_pb2.Any):
+            packed.append(detail)
+        else:
+            packed.append(any_pb2.Any())
+            packed[-1].Pack(detail)
+    status = status_pb2.Status(code=code.value[0], message=message, details=packed)
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str, stage: str) -> None:
+    if not isinstance(error, ServiceError):
+        logger.exception("unhandled error in %s", method, exc_info=error)
+        error = ServiceError(f"internal error in {method}; see the server log")
+    message = str(error)
+    await context.abort(error.code, message, _status_metadata(error.code, message, error.rpc_details(stage)))
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, stage: str):
     async def wrapper(request_or_iterator, context):
         try:
             return await behavior(request_or_iterator, context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status, never swallowed
-            await _abort(context, error, method)
+            await _abort(context, error, method, stage)
 
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str):
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, stage: str):
     async def wrapper(request_or_iterator, context):
         try:
             async for response in behavior(request_or_iterator, context):
@@ -95,13 +170,17 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str):
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status, never swallowed
-            await _abort(context, error, method)
+            await _abort(context, error, method, stage)
 
     return wrapper
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ServiceError subclasses to their status codes and everything else to INTERNAL."""
+    """Maps ServiceError subclasses to their status codes and everything else to INTERNAL; `stage`
+    (planner, decoder, gateway) goes into each status's ErrorInfo."""
+
+    def __init__(self, stage: str = ""):
+        self.stage = stage
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -113,13 +192,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **serializers)
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method, self.stage), **serializers
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **serializers)
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method, self.stage), **serializers
+            )
         # A streaming handler is an async generator, or a coroutine that writes with context.write()
         # (grpc's own health Watch): wrap each as what it is.
         if handler.unary_stream:
             wrap = _wrap_unary if inspect.iscoroutinefunction(handler.unary_stream) else _wrap_stream
-            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, method), **serializers)
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, method, self.stage), **serializers)
         wrap = _wrap_unary if inspect.iscoroutinefunction(handler.stream_stream) else _wrap_stream
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, method), **serializers)
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, method, self.stage), **serializers)

@@ -50,6 +50,7 @@ class ServiceSpec:
     stop: Callable[[], Awaitable[None]]  # releases the engine
     # raises while the engine cannot serve (e.g. vLLM's engine process died): readiness follows it
     check: Callable[[], Awaitable[None]] | None = None
+    stage: str = ""  # planner, decoder or gateway: named in every error status's ErrorInfo
 
 
 @dataclass
@@ -137,7 +138,7 @@ async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServ
         ("grpc.max_receive_message_length", options.max_message_bytes),
         ("grpc.max_send_message_length", options.max_message_bytes),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[*SERVER_OPTIONS, *message_limits])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(spec.stage)], options=[*SERVER_OPTIONS, *message_limits])
     spec.register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

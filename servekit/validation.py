@@ -62,11 +62,12 @@ MAX_REQUEST_ID_CHARS = 128
 def check_request_id(request_id: str) -> None:
     """Request ids travel as gRPC metadata (x-request-id), whose values are printable ASCII."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters", "request_id")
     if not all(" " <= char <= "~" for char in request_id):
         raise InvalidRequest(
             "request_id may hold only printable ASCII characters (0x20-0x7E: letters, digits, punctuation and "
-            "space), no control characters such as newlines and no non-ASCII characters"
+            "space), no control characters such as newlines and no non-ASCII characters",
+            "request_id",
         )
 
 
@@ -75,29 +76,36 @@ def check_size(width: int, height: int, limits: Limits) -> None:
         if value % SIZE_MULTIPLE or not limits.min_side <= value <= limits.max_side:
             raise InvalidRequest(
                 f"{name} must be a multiple of {SIZE_MULTIPLE} between {limits.min_side} and "
-                f"{limits.max_side} pixels, got {value}"
+                f"{limits.max_side} pixels, got {value}",
+                name,
             )
 
 
 def check_prompt(prompt: str, limits: Limits) -> None:
     if not any(char.isprintable() and not char.isspace() for char in prompt):
         raise InvalidRequest("prompt must not be empty: it needs at least one visible character, not only whitespace "
-                             "or control characters")  # fmt: skip
+                             "or control characters", "prompt")  # fmt: skip
     if len(prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(f"prompt must be at most {limits.max_prompt_chars} characters, got {len(prompt)}")
+        raise InvalidRequest(
+            f"prompt must be at most {limits.max_prompt_chars} characters, got {len(prompt)}", "prompt"
+        )
 
 
 def check_condition_images(images, limits: Limits) -> None:
     """Count and size only; decoding is the stage's job (it knows the formats it reads)."""
     if len(images) > limits.max_condition_images:
-        raise InvalidRequest(f"at most {limits.max_condition_images} condition images are allowed, got {len(images)}")
+        raise InvalidRequest(
+            f"at most {limits.max_condition_images} condition images are allowed, got {len(images)}", "condition_images"
+        )
     for index, image in enumerate(images):
         if not image.data:
-            raise InvalidRequest(f"condition_images[{index}] is empty; send PNG, JPEG or WebP bytes")
+            raise InvalidRequest(f"condition_images[{index}] is empty; send PNG, JPEG or WebP bytes",
+                                 f"condition_images[{index}]")  # fmt: skip
         if len(image.data) > limits.max_condition_image_bytes:
             raise InvalidRequest(
                 f"condition_images[{index}] is {len(image.data)} bytes; at most "
-                f"{limits.max_condition_image_bytes} bytes are allowed"
+                f"{limits.max_condition_image_bytes} bytes are allowed",
+                f"condition_images[{index}]",
             )
 
 
@@ -107,13 +115,15 @@ def check_steps_and_guidance(request, limits: Limits) -> None:
         steps = request.num_inference_steps
         if not limits.min_steps <= steps <= limits.max_steps:
             raise InvalidRequest(
-                f"num_inference_steps must be between {limits.min_steps} and {limits.max_steps}, got {steps}"
+                f"num_inference_steps must be between {limits.min_steps} and {limits.max_steps}, got {steps}",
+                "num_inference_steps",
             )
     if request.HasField("guidance_scale"):
         scale = request.guidance_scale
         if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_guidance_scale:
             raise InvalidRequest(
-                f"guidance_scale must be a finite number between 0 and {limits.max_guidance_scale}, got {scale}"
+                f"guidance_scale must be a finite number between 0 and {limits.max_guidance_scale}, got {scale}",
+                "guidance_scale",
             )
 
 
@@ -121,12 +131,15 @@ def check_sampling(sampling: common_pb2.PlanSampling, codebook_size: int) -> Non
     if sampling.HasField("temperature"):
         t = sampling.temperature
         if not math.isfinite(t) or t < 0:
-            raise InvalidRequest(f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {t}")
+            raise InvalidRequest(
+                f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {t}", "sampling.temperature"
+            )
     if sampling.HasField("top_p"):
         p = sampling.top_p
         if not math.isfinite(p) or not 0 < p <= 1:
-            raise InvalidRequest(f"sampling.top_p must be in (0, 1], got {p}")
+            raise InvalidRequest(f"sampling.top_p must be in (0, 1], got {p}", "sampling.top_p")
     if sampling.HasField("top_k") and sampling.top_k > codebook_size:
         raise InvalidRequest(
-            f"sampling.top_k must be between 0 (no cut) and the codebook size {codebook_size}, got {sampling.top_k}"
+            f"sampling.top_k must be between 0 (no cut) and the codebook size {codebook_size}, got {sampling.top_k}",
+            "sampling.top_k",
         )

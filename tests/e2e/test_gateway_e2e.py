@@ -13,7 +13,7 @@ from PIL import Image
 from servers import SERVING, health_status
 from stages import metric, pixels, restart
 
-from gateway.client import ImageClient
+from gateway.client import ImageClient, error_details
 from glmimage.v1 import common_pb2
 from testkit import reference
 from testkit.cluster import Cluster
@@ -108,12 +108,20 @@ def test_bad_input_is_rejected_with_the_stage_named(client, cluster):
         client.generate(PROMPT, 250, 256)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "width must be a multiple of 32" in error.value.details()
+    details = error_details(error.value)
+    assert (details.reason, details.stage, details.fields[0][0]) == ("INVALID_REQUEST", "gateway", "width")
     with pytest.raises(grpc.RpcError) as error:
         client.generate(PROMPT, 256, 256, condition_images=[b"not an image"])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # both stages check the image, at the same time: whichever answers first is named
     stage, _, message = error.value.details().partition(": ")
     assert stage in ("planner", "decoder") and message.startswith("condition_images[0]")
+    details = error_details(error.value)  # the stage's typed details, passed through the gateway
+    assert (details.reason, details.stage, details.fields) == (
+        "INVALID_REQUEST",
+        stage,
+        (("condition_images[0]", message),),
+    )
     assert health_status(cluster.gateway.address) == SERVING
 
 

@@ -185,3 +185,57 @@ def test_error_interceptor_maps_domain_errors_and_hides_bugs():
     (bad_code, bad_details), (boom_code, boom_details) = asyncio.run(scenario())
     assert (bad_code, bad_details) == (grpc.StatusCode.INVALID_ARGUMENT, "service must be empty")
     assert boom_code == grpc.StatusCode.INTERNAL and "secret" not in boom_details
+
+
+def test_error_statuses_carry_typed_details_for_clients():
+    """google.rpc details: ErrorInfo with the stage, BadRequest naming the field, RetryInfo on overload."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.client import error_details
+    from servekit.errors import ErrorInterceptor, Overloaded, UpstreamError, status_details
+
+    class Faulty(health_pb2_grpc.HealthServicer):
+        def __init__(self):
+            self.upstream = None
+
+        async def Check(self, request, context):
+            if request.service == "bad":
+                raise InvalidRequest("width must be a multiple of 32", "width")
+            if request.service == "busy":
+                raise Overloaded("planner is at capacity")
+            raise self.upstream
+
+    async def scenario():
+        faulty = Faulty()
+        server = grpc.aio.server(interceptors=[ErrorInterceptor("planner")])
+        health_pb2_grpc.add_HealthServicer_to_server(faulty, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                errors = []
+                for name in ("bad", "busy"):
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                    except grpc.aio.AioRpcError as error:
+                        errors.append(error)
+                # what the gateway does with a stage's error: the same details, its own message prefix
+                faulty.upstream = UpstreamError(errors[0].code(), f"planner: {errors[0].details()}",
+                                                status_details(errors[0]))  # fmt: skip
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(service="passed-through"))
+                except grpc.aio.AioRpcError as error:
+                    errors.append(error)
+                return errors
+        finally:
+            await server.stop(0)
+
+    bad, busy, passed = asyncio.run(scenario())
+    assert error_details(bad).reason == "INVALID_REQUEST" and error_details(bad).stage == "planner"
+    assert error_details(bad).fields == (("width", "width must be a multiple of 32"),)
+    assert error_details(busy).reason == "OVERLOADED" and error_details(busy).retry_after_s == 1.0
+    assert passed.details() == "planner: width must be a multiple of 32"
+    assert error_details(passed) == error_details(bad)
+    assert error_details(bad).lines() == ["reason INVALID_REQUEST (stage planner)",
+                                          "field width: width must be a multiple of 32"]  # fmt: skip
