@@ -9,35 +9,37 @@ import sys
 import time
 
 import grpc
+from tqdm import tqdm
 
 from gateway.client import FORMATS, ImageClient, error_details
 from glmimage.v1 import common_pb2
 
-BAR_WIDTH = 30
 STAGE_NAMES = {common_pb2.STAGE_PLANNING: "planning", common_pb2.STAGE_DECODING: "denoising"}
+UNITS = {common_pb2.STAGE_PLANNING: "tok", common_pb2.STAGE_DECODING: "step"}
 
 
 class ProgressBars:
-    """One live line per stage on stderr: planning (tokens), then denoising (steps)."""
+    """One bar per stage on stderr (planning tokens, then denoising steps), drawn by tqdm: live on a
+    terminal, nothing in a log file or pipe (no carriage-return spam)."""
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.stage = None
+        self.bar: tqdm | None = None
 
     def __call__(self, stage: int, done: int, total: int) -> None:
-        if stage != self.stage:
-            if self.stage is not None:
-                self.stream.write("\n")
+        if stage != self.stage or self.bar is None:
+            self.finish()
             self.stage = stage
-        filled = BAR_WIDTH * done // max(total, 1)
-        self.stream.write(
-            f"\r{STAGE_NAMES.get(stage, 'stage'):>9} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total}"
-        )
-        self.stream.flush()
+            self.bar = tqdm(total=total, desc=f"{STAGE_NAMES.get(stage, 'stage'):>9}", unit=UNITS.get(stage, "it"),
+                            file=self.stream, disable=None, leave=True)  # fmt: skip
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
 
     def finish(self) -> None:
-        if self.stage is not None:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def parse_size(text: str) -> tuple[int, int]:
