@@ -139,10 +139,12 @@ class DiffusersEngine(DecoderEngine):
 
     # -- prepare: everything the plan is not needed for ---------------------------------------
 
+    def read_conditions(self, job: DecodeJob) -> list[Image.Image]:
+        return read_condition_images(job.condition_images, self.resize_rule)
+
     @torch.no_grad()
-    def prepare(self, job: DecodeJob) -> _Request:
+    def prepare(self, job: DecodeJob, images: Sequence[Image.Image]) -> _Request:
         pipe, device = self.pipe, self.device
-        images = read_condition_images(job.condition_images, self.resize_rule)
 
         # __call__ step 4: condition images floored to a whole number of DiT patches
         multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size

@@ -1,7 +1,8 @@
 """The decoder engine interface: what the runner needs from a model implementation.
 
-Every method but `info` blocks; the runner calls them in its single worker thread, one request's
-calls in this order: `prepare` (as soon as the spec is valid), `add_conditions` (i2i, once the plan
+Every method but `info` blocks; the runner calls `read_conditions` in a thread of its own (image
+decoding must not hold up other requests' steps) and the others in its single worker thread, one
+request's calls in this order: `prepare` (as soon as the spec is valid and its images are read), `add_conditions` (i2i, once the plan
 header has arrived), `begin` (once the plan is complete), `step` once per denoising step, `finish`
 (VAE decode), and `release` (always, last). The runner checks cancellation and deadlines between
 two calls, so a request stops within one step, and the calls of concurrent requests interleave step
@@ -38,10 +39,15 @@ class DecoderEngine(abc.ABC):
     def load(self) -> None:
         """Loads the model (once, at start-up)."""
 
+    def read_conditions(self, job: DecodeJob) -> list[Image.Image]:
+        """The condition images, decoded and sized as the planner sizes them (no device work).
+        Raises InvalidRequest for images that cannot be served."""
+        return []
+
     @abc.abstractmethod
-    def prepare(self, job: DecodeJob) -> Prepared:
+    def prepare(self, job: DecodeJob, images: Sequence[Image.Image]) -> Prepared:
         """Everything that does not need the plan: glyph embeddings, seeded noise, timesteps, the
-        condition images decoded and VAE-encoded. Raises InvalidRequest for undecodable images."""
+        condition images (from `read_conditions`) VAE-encoded."""
 
     @abc.abstractmethod
     def add_conditions(self, prepared: Prepared, conditions: Sequence[ConditionPlan]) -> None:

@@ -3,7 +3,7 @@ cancellation and deadlines. No gRPC and no torch: it speaks the domain types of 
 
 One Decode call:
   spec (validated) -> a place among the calls waiting (RESOURCE_EXHAUSTED when none is left)
-  -> engine.prepare starts in the worker while plan chunks are read -> header: engine.add_conditions
+  -> condition images read in a thread -> engine.prepare starts in the worker while plan chunks are read -> header: engine.add_conditions
   (i2i) -> plan complete -> a denoising slot (heartbeats while waiting for it) -> engine.begin, then
   engine.step with a Progress after each -> engine.finish (VAE) -> the image encoded -> ImageChunks
   -> Completed.
@@ -94,7 +94,7 @@ class DecodeRunner:
                 request_id="warm-up", prompt="warm-up 'A'", width=side, height=side, seed=0, steps=1,
                 guidance_scale=1.5, condition_images=(),
             )  # fmt: skip
-            prepared = await self.submit(self.engine.prepare, job)
+            prepared = await self.submit(self.engine.prepare, job, [])
             try:
                 steps = await self.submit(self.engine.begin, prepared, [0] * ((side // 32) ** 2))
                 for _ in range(steps):
@@ -221,9 +221,14 @@ class _Call:
 
     async def run(self) -> AsyncIterator[DecodeEvent]:
         job, engine = self.job, self.engine
-        self.prepared_job = self._submit(engine.prepare, job, timing="decoder_prepare_seconds")
         self.reader = asyncio.create_task(self._read())
         self.watch.add(self.reader)
+        images = []
+        if job.condition_images:  # decoding a large photo takes a while: in a thread, not the worker
+            begin = time.perf_counter()
+            images = await self._until(asyncio.ensure_future(asyncio.to_thread(engine.read_conditions, job)))
+            self.timings.decoder_prepare_seconds += time.perf_counter() - begin
+        self.prepared_job = self._submit(engine.prepare, job, images, timing="decoder_prepare_seconds")
 
         header = await self._until(self.header)
         prepared = await self._until(self.prepared_job)

@@ -47,7 +47,7 @@ class ScriptedEngine(DecoderEngine):
     def load(self):
         self.calls.append("load")
 
-    def prepare(self, job):
+    def prepare(self, job, images):
         self.calls.append(f"prepare:{job.request_id}")
         if self.fail_prepare:
             raise self.fail_prepare
@@ -429,3 +429,34 @@ def test_steps_that_cannot_meet_the_deadline_are_refused_before_taking_a_slot():
         assert engine.steps_run == steps_before
 
     run(main())
+
+
+def test_condition_images_are_read_off_the_worker_thread():
+    """Decoding a large photo must not hold up another call's denoising steps on the worker."""
+    engine = ScriptedEngine(step_seconds=0.01)
+    stepped = threading.Event()
+    scripted_step = engine.step
+
+    def step(prepared):
+        scripted_step(prepared)
+        stepped.set()
+
+    def read_conditions(decode_job):
+        assert stepped.wait(5), "the other call's steps waited for this call's image decoding"
+        return ["decoded image"]
+
+    engine.step, engine.read_conditions = step, read_conditions
+
+    async def main():
+        runner = await started_runner(engine)
+
+        async def items(conditions=()):
+            yield header(conditions)
+            yield target()
+
+        busy = asyncio.create_task(collect(runner, job(steps=20, request_id="busy"), items()))
+        photo = await collect(runner, job(images=[b"photo"], request_id="photo"), items([ConditionPlan(1, 1, (5,))]))
+        await busy
+        return photo
+
+    assert isinstance(run(main())[-1], Completed)
