@@ -37,7 +37,7 @@ CHUNKS = 16
 def start_local_server(model: str, min_side: int):
     """The decoder on a loopback port, in a background thread with its own event loop; returns a
     function that stops it."""
-    from decoder_service.app import make_service
+    from decoder_service.service import make_service
     from decoder_service.settings import DecoderSettings
     from servekit.server import ServerOptions, start_server
 

@@ -3,7 +3,7 @@
 import asyncio
 import sys
 
-from decoder_service.app import make_service
+from decoder_service.service import make_service
 from decoder_service.settings import ENV_PREFIX, DecoderSettings
 from servekit.server import configure_logging, serve
 from servekit.settings import log_settings, parse_settings

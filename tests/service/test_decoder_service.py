@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from decoder_service.app import make_service
+from decoder_service.service import make_service
 from decoder_service.settings import DecoderSettings
 from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
 from tests.images import CONDITION_CASES, gif, model_input, png, png_header
