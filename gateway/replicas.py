@@ -252,7 +252,8 @@ class ReplicaPool:
 
     async def close(self) -> None:
         if self._poller:
-            self._poller.cancel()
+            self._poller.cancel()  # and wait: no health check may start on a closed channel
+            await asyncio.gather(self._poller, return_exceptions=True)
         for waiter in self._waiters:
             waiter.future.cancel()
         replicas = [*self.replicas.values(), *self._retired]
