@@ -35,7 +35,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
         plan_format=plan_format(settings.model),
         model=settings.model,
         chunk_tokens=settings.chunk_tokens,
-        chunk_interval_s=settings.chunk_interval_ms / 1000,
+        chunk_interval_s=settings.chunk_interval_seconds,
         version=package_version(),
     )
 

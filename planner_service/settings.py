@@ -16,7 +16,7 @@ class PlannerSettings(ServerSettings):
     max_in_flight: int = option(0, "plans generated at once (0 = engine default: 64 for vllm, 1 for transformers)")
     max_queued: int = option(64, "plans waiting for a slot before RESOURCE_EXHAUSTED")
     chunk_tokens: int = option(32, "most tokens per PlanTokens message")
-    chunk_interval_ms: float = option(50.0, "a partial chunk is sent once its first token is this old")
+    chunk_interval_seconds: float = option(0.05, "a partial chunk is sent once its first token is this old")
     device: str = option("", "transformers engine device (default: cuda when available, else cpu)")
 
     def validate(self) -> None:
@@ -25,3 +25,5 @@ class PlannerSettings(ServerSettings):
             raise ValueError("--model (PLANNER_MODEL) is required: a GLM-Image checkpoint folder")
         if self.max_in_flight < 0 or self.max_queued < 0 or self.chunk_tokens < 1:
             raise ValueError("--max-in-flight and --max-queued must be >= 0, --chunk-tokens >= 1")
+        if self.chunk_interval_seconds < 0:
+            raise ValueError("--chunk-interval-seconds must be >= 0")
