@@ -567,9 +567,15 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
             query = trigger["metadata"]["query"]
             if trigger["type"] != "prometheus" or (
                 not merged[stage]["autoscaling"]["query"]
-                and not all(s in query for s in ("glmimage_requests_", f'stage="{stage}"', NAMESPACE))
+                and not all(
+                    s in query
+                    for s in ("glmimage_requests_", "glmimage_gateway_stage_waiting", f'stage="{stage}"', NAMESPACE)
+                )
             ):
-                problems.append(f"{stage}: ScaledObject must query the stage's glmimage_requests_* gauges")
+                problems.append(
+                    f"{stage}: ScaledObject must query the stage's glmimage_requests_* gauges and the requests "
+                    "waiting for it at the gateways (glmimage_gateway_stage_waiting)"
+                )
     for kind in ("PodMonitor", "ServiceMonitor"):
         for monitor in of_kind(objects, kind):
             stage = component(monitor)

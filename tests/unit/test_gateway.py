@@ -84,6 +84,12 @@ def test_lease_prefers_untried_and_least_loaded_replicas():
     asyncio.run(scenario())
 
 
+def stage_gauge(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"glmimage_gateway_stage_{name}", {"stage": "decoder"})
+
+
 def test_requests_wait_for_room_in_arrival_order():
     async def scenario():
         pool = serving_pool([1], lookahead=1)
@@ -96,6 +102,7 @@ def test_requests_wait_for_room_in_arrival_order():
             early = asyncio.create_task(pool.lease(2.0, set(), deadline))  # queued later, arrived earlier
             await asyncio.sleep(0.05)
             assert not late.done() and not early.done()
+            assert stage_gauge("waiting") == 2 and stage_gauge("in_service") == 2  # the demand, per stage
             pool.release(held.pop())
             await asyncio.sleep(0.01)
             assert early.done() and not late.done()

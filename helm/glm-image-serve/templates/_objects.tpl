@@ -66,7 +66,8 @@ spec:
 {{- end }}
 {{- end }}
 
-{{/* KEDA ScaledObject of planner or decoder on the stage's queued + in-flight requests. */}}
+{{/* KEDA ScaledObject of planner or decoder on the stage's demand: its pods' queued + in-flight
+requests, plus the requests waiting for the stage at the gateways (which the pods cannot see). */}}
 {{- define "glm-image-serve.scaledObject" -}}
 {{- $root := .root }}
 {{- $component := .component }}
@@ -75,7 +76,10 @@ spec:
 {{- if $autoscaling.enabled }}
 {{- $pods := printf "%s-.+" (include "glm-image-serve.componentName" .) }}
 {{- $selector := printf "stage=%q,namespace=%q,pod=~%q" $component $root.Release.Namespace $pods }}
-{{- $query := $autoscaling.query | default (printf "sum({__name__=~\"glmimage_requests_(queued|in_flight)\",%s})" $selector) }}
+{{- $gatewayPods := printf "%s-.+" (include "glm-image-serve.componentName" (dict "root" $root "component" "gateway")) }}
+{{- $waiting := printf "sum(glmimage_gateway_stage_waiting{stage=%q,namespace=%q,pod=~%q})" $component $root.Release.Namespace $gatewayPods }}
+{{- $served := printf "sum({__name__=~\"glmimage_requests_(queued|in_flight)\",%s})" $selector }}
+{{- $query := $autoscaling.query | default (printf "(%s or vector(0)) + (%s or vector(0))" $served $waiting) }}
 apiVersion: keda.sh/v1alpha1
 kind: ScaledObject
 metadata:
