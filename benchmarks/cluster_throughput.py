@@ -30,20 +30,6 @@ from testkit.hosts import HostsEntries
 PROMPT = "a poster that says 'HELLO'"
 
 
-def busy_seconds(pod, stage: str) -> float:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://{pod.host}:{pod.metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "glmimage_busy_seconds_total" and sample.labels.get("stage") == stage:
-                return sample.value
-    return 0.0
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
@@ -118,9 +104,10 @@ def through_gateway(cluster: Cluster, args, width: int, height: int) -> dict:
                 with lock:
                     errors[error.code().name] += 1
 
-        busy_before = {p.name: busy_seconds(p, kind) for p, kind in pods}
+        busy_before = {p.name: p.metric("glmimage_busy_seconds_total", stage=kind) for p, kind in pods}
         wall = run_pool(args.requests, args.concurrency, one, args.rate)
-        busy = {p.name: (busy_seconds(p, kind) - busy_before[p.name]) / wall for p, kind in pods}
+        busy = {p.name: (p.metric("glmimage_busy_seconds_total", stage=kind) - busy_before[p.name]) / wall
+                for p, kind in pods}  # fmt: skip
     return {
         "images_per_s": len(latencies) / wall,
         "p50_s": percentile(latencies, 0.5),

@@ -177,15 +177,25 @@ class _Call:
         self.watch.add(future)
         return future
 
-    async def _until(self, future: asyncio.Future):
-        """The result of `future`; raises at once if the plan stream or another job fails first."""
+    async def _wait(self, future: asyncio.Future, within: float | None = None) -> bool:
+        """Whether `future` is done within `within` seconds (None: no limit); raises at once if the
+        plan stream or another job fails first."""
+        deadline = None if within is None else time.monotonic() + within
         while not future.done():
-            done, _ = await asyncio.wait({future, *self.watch}, return_when=asyncio.FIRST_COMPLETED)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            done, _ = await asyncio.wait({future, *self.watch}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             for finished in done:
                 self.watch.discard(finished)
                 if finished is not future and not finished.cancelled() and finished.exception() is not None:
                     raise finished.exception()
         self.watch.discard(future)
+        return True
+
+    async def _until(self, future: asyncio.Future):
+        """The result of `future`; raises at once if the plan stream or another job fails first."""
+        await self._wait(future)
         return future.result()
 
     async def _next_item(self, items) -> PlanItem:
@@ -290,16 +300,9 @@ class _Call:
         self._check_time_left()
         waiting = asyncio.ensure_future(self.ticket.start())
         try:
-            while not waiting.done():
-                done, _ = await asyncio.wait({waiting, *self.watch}, timeout=self.runner.options.heartbeat_s,
-                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                for finished in done - {waiting}:
-                    self.watch.discard(finished)
-                    if not finished.cancelled() and finished.exception() is not None:
-                        raise finished.exception()
-                if not done:
-                    self._check_time_left()
-                    yield Progress(0, self.job.steps)
+            while not await self._wait(waiting, self.runner.options.heartbeat_s):
+                self._check_time_left()
+                yield Progress(0, self.job.steps)
         finally:
             if not waiting.done():
                 waiting.cancel()

@@ -151,14 +151,12 @@ class Chain:
         return UpstreamError(error.code(), f"{stage}: {error.details()}", status_details(error))
 
     def _exhausted(self, stage: str, attempts: int, last: BaseException | None) -> Unavailable:
-        detail = f" (last error: {last.details()})" if isinstance(last, grpc.aio.AioRpcError) else ""
-        if isinstance(last, _ReplicaFailed):
-            detail = f" (last error: {last})"
+        detail = f" (last error: {last.details() if isinstance(last, grpc.aio.AioRpcError) else last})" if last else ""
         return Unavailable(
             f"{stage}: no replica could serve the request after {attempts} attempt(s){detail}", stage=stage
         )
 
-    async def _run_stage(self, stage: str, pool: ReplicaPool, attempts: int, once, on_failure):
+    async def _run_stage(self, stage: str, pool: ReplicaPool, attempts: int, once, on_failure=None):
         """Runs `once(replica)` on replicas leased from `pool` until it succeeds: a busy replica
         (RESOURCE_EXHAUSTED) means wait again, a failed or stalled one means the next attempt."""
         tried: set[str] = set()
@@ -186,7 +184,8 @@ class Chain:
                            replica.host_port, _describe(last))  # fmt: skip
             pool.failed(replica)
             metrics.RETRIES.labels(stage).inc()
-            await on_failure()
+            if on_failure is not None:
+                await on_failure()
         raise self._exhausted(stage, used, last)
 
     # ---------------------------------------------------------------- planner side
@@ -326,14 +325,11 @@ class Chain:
             self.decode_call = None
 
     async def _run_decoder(self) -> common_pb2.Completed:
-        async def nothing() -> None:
-            return None
-
         while True:
             await self._wait_to_bind()
             try:
                 completed, self.decoders_used = await self._run_stage(
-                    "decoder", self.decoders, self.options.decoder_attempts, self._decode_once, nothing
+                    "decoder", self.decoders, self.options.decoder_attempts, self._decode_once
                 )
                 return completed
             except _PlanRestarted:

@@ -15,13 +15,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 logger = logging.getLogger(__name__)
 
 DOMAIN = "glmimage.v1"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class ServiceError(Exception):
@@ -120,34 +119,29 @@ class UpstreamError(ServiceError):
 
 
 def status_details(error: grpc.RpcError) -> list[any_pb2.Any]:
-    """The google.rpc details a failed call carried (packed), [] when none or unreadable."""
-    for key, value in error.trailing_metadata() or ():
-        if key == STATUS_DETAILS_KEY:
-            try:
-                return list(status_pb2.Status.FromString(value).details)
-            except DecodeError:
-                return []
-    return []
+    """The google.rpc details a failed call carried (packed), [] when none or inconsistent."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return []
+    return list(status.details) if status is not None else []
 
 
-def _status_metadata(code: grpc.StatusCode, message: str, details: list) -> tuple:
-    packed = []
-    for detail in details:
-        if isinstance(detail, any_pb2.Any):
-            packed.append(detail)
-        else:
-            packed.append(any_pb2.Any())
-            packed[-1].Pack(detail)
-    status = status_pb2.Status(code=code.value[0], message=message, details=packed)
-    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+def _pack(detail) -> any_pb2.Any:
+    if isinstance(detail, any_pb2.Any):
+        return detail
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str, stage: str) -> None:
     if not isinstance(error, ServiceError):
         logger.exception("unhandled error in %s", method, exc_info=error)
         error = ServiceError(f"internal error in {method}; see the server log")
-    message = str(error)
-    await context.abort(error.code, message, _status_metadata(error.code, message, error.rpc_details(stage)))
+    details = [_pack(detail) for detail in error.rpc_details(stage)]
+    status = rpc_status.to_status(status_pb2.Status(code=error.code.value[0], message=str(error), details=details))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, stage: str):

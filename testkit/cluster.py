@@ -14,8 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from servekit.healthcheck import check
 from testkit.hosts import HostsEntries
@@ -55,6 +58,16 @@ class Service:
              "--metrics-port", str(self.metrics_port)],
             cwd=REPO, env={**env, **self.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample from this service's /metrics endpoint (0 when absent)."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

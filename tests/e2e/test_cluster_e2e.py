@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from servers import SERVING, health_status
-from stages import busy_pod, health_status_or_none, metric, pixels, restart
+from stages import busy_pod, health_status_or_none, pixels, restart
 
 from gateway.client import ImageClient
 from glmimage.v1 import common_pb2
@@ -203,9 +203,9 @@ def test_a_burst_at_one_planner_and_one_decoder_with_default_settings_completes(
 
         def watch_demand():  # what the gateway has on the decoder, and the decoder's own queue, sampled
             while not stop.is_set():
-                in_service = metric(gateway, "glmimage_gateway_stage_in_service", stage="decoder")
+                in_service = gateway.metric("glmimage_gateway_stage_in_service", stage="decoder")
                 seen["in_service"] = max(seen["in_service"], in_service)
-                queued = metric(burst_cluster.pods("decoder")[0], "glmimage_requests_queued", stage="decoder")
+                queued = burst_cluster.pods("decoder")[0].metric("glmimage_requests_queued", stage="decoder")
                 seen["decoder_queued"] = max(seen["decoder_queued"], queued)
                 time.sleep(0.05)
 
@@ -220,7 +220,7 @@ def test_a_burst_at_one_planner_and_one_decoder_with_default_settings_completes(
         watcher.join(10)
         assert not errors, errors
         assert len(results) == 24
-        assert metric(gateway, "glmimage_gateway_retries_total", stage="decoder") == 0
+        assert gateway.metric("glmimage_gateway_retries_total", stage="decoder") == 0
         # the gateway never bound more than the slot + one ready to the decoder, whose own queue stayed
         # short (a finishing call may overlap the next binding for a moment); the rest waited at the gateway
         assert 1 <= seen["in_service"] <= 2 and seen["decoder_queued"] <= 2, seen

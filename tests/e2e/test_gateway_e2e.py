@@ -11,7 +11,7 @@ import pytest
 from images import CONDITION_CASES, model_input, png_of_size
 from PIL import Image
 from servers import SERVING, health_status
-from stages import metric, pixels, restart
+from stages import pixels, restart
 
 from gateway.client import ImageClient, error_details
 from glmimage.v1 import common_pb2
@@ -42,7 +42,7 @@ def stages(cluster, kind: str):
 
 
 def in_flight(cluster, kind: str) -> float:
-    return sum(metric(s, "glmimage_requests_in_flight", stage=kind) for s in stages(cluster, kind) if s.alive())
+    return sum(s.metric("glmimage_requests_in_flight", stage=kind) for s in stages(cluster, kind) if s.alive())
 
 
 def wait_idle(cluster, timeout: float = 10.0) -> float:
@@ -55,7 +55,7 @@ def wait_idle(cluster, timeout: float = 10.0) -> float:
 
 
 def completed_plans(cluster) -> float:
-    return sum(metric(s, "glmimage_planner_plans_total", outcome="completed") for s in stages(cluster, "planner"))
+    return sum(s.metric("glmimage_planner_plans_total", outcome="completed") for s in stages(cluster, "planner"))
 
 
 def test_greedy_image_equals_the_monolithic_pipeline(client, pipe):
@@ -153,7 +153,7 @@ def test_decoder_killed_mid_denoise_is_replaced_without_replanning(client, clust
 
     def on_progress(stage, done, total):
         if stage == common_pb2.STAGE_DECODING and done == 2 and not killed:
-            busy = [s for s in stages(cluster, "decoder") if metric(s, "glmimage_requests_in_flight", stage="decoder")]
+            busy = [s for s in stages(cluster, "decoder") if s.metric("glmimage_requests_in_flight", stage="decoder")]
             busy[0].signal(signal.SIGKILL)
             killed.append(busy[0])
 
@@ -177,7 +177,7 @@ def test_planner_killed_mid_plan_is_restarted_on_another(client, cluster, pipe):
 
     def on_progress(stage, done, total):
         if stage == common_pb2.STAGE_PLANNING and done >= 64 and not killed:
-            busy = [s for s in stages(cluster, "planner") if metric(s, "glmimage_requests_in_flight", stage="planner")]
+            busy = [s for s in stages(cluster, "planner") if s.metric("glmimage_requests_in_flight", stage="planner")]
             busy[0].signal(signal.SIGKILL)
             killed.append(busy[0])
 
