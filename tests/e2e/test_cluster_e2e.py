@@ -60,8 +60,10 @@ def served_by(pod, request_id: str) -> bool:
 def test_server_info_lists_every_pod_behind_the_names(client):
     # the gateway is ready with one pod per stage; it sees the others at its next health poll
     deadline = time.monotonic() + 10
-    while not all(s.serving for s in (info := client.server_info()).stages) and time.monotonic() < deadline:
+    info = client.server_info()
+    while not all(s.serving for s in info.stages) and time.monotonic() < deadline:
         time.sleep(0.2)
+        info = client.server_info()
     by_role = {role: sorted(s.address for s in info.stages if s.role == role)
                for role in (common_pb2.SERVICE_ROLE_PLANNER, common_pb2.SERVICE_ROLE_DECODER)}  # fmt: skip
     assert [a.rsplit(":", 1)[0] for a in by_role[common_pb2.SERVICE_ROLE_PLANNER]] == ["127.0.1.1", "127.0.1.2"]
