@@ -45,6 +45,7 @@ class ServerSettings:
     max_prompt_chars: int = option(Limits.max_prompt_chars, "longest prompt in characters")
     max_condition_images: int = option(Limits.max_condition_images, "most condition images per request")
     max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
+    max_previews: int = option(Limits.max_previews, "most preview images a request may ask for")
 
     def validate(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -63,6 +64,7 @@ class ServerSettings:
             max_prompt_chars=self.max_prompt_chars,
             max_condition_images=self.max_condition_images,
             max_condition_image_bytes=self.max_condition_image_bytes,
+            max_previews=self.max_previews,
         )
 
     def server_options(self) -> ServerOptions:

@@ -24,12 +24,15 @@ class Limits:
     max_condition_images: int = 4
     max_condition_image_bytes: int = 8 * 1024 * 1024
     max_guidance_scale: float = 20.0
+    max_previews: int = 3
 
     def __post_init__(self):
         if self.min_side % SIZE_MULTIPLE or self.max_side % SIZE_MULTIPLE or self.min_side > self.max_side:
             raise ValueError(f"min_side/max_side must be multiples of {SIZE_MULTIPLE} with min_side <= max_side")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError("min_steps/max_steps must satisfy 1 <= min_steps <= max_steps")
+        if self.max_previews < 0:
+            raise ValueError("max_previews must be >= 0")
 
     def to_proto(self) -> common_pb2.Limits:
         return common_pb2.Limits(
@@ -42,6 +45,7 @@ class Limits:
             max_condition_images=self.max_condition_images,
             max_condition_image_bytes=self.max_condition_image_bytes,
             max_guidance_scale=self.max_guidance_scale,
+            max_previews=self.max_previews,
         )
 
 
@@ -107,6 +111,11 @@ def check_condition_images(images, limits: Limits) -> None:
                 f"{limits.max_condition_image_bytes} bytes are allowed",
                 f"condition_images[{index}]",
             )
+
+
+def check_previews(previews: int, limits: Limits) -> None:
+    if previews > limits.max_previews:
+        raise InvalidRequest(f"previews must be between 0 and {limits.max_previews}, got {previews}", "previews")
 
 
 def check_steps_and_guidance(request, limits: Limits) -> None:

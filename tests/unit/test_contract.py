@@ -28,6 +28,7 @@ def test_package_and_services():
         },
         "DecoderService": {
             "Decode": ("DecodeRequest", "DecodeEvent", True, True),
+            "RenderPreview": ("PreviewRequest", "PreviewImage", False, False),
             "GetServerInfo": ("GetServerInfoRequest", "ServerInfo", False, False),
         },
     }
@@ -45,10 +46,10 @@ def test_every_enum_starts_with_unspecified():
 @pytest.mark.parametrize(
     ("message", "oneof", "members"),
     [
-        (image_service_pb2.GenerateEvent, "event", ["accepted", "progress", "image_chunk", "completed"]),
+        (image_service_pb2.GenerateEvent, "event", ["accepted", "progress", "image_chunk", "completed", "preview"]),
         (planner_pb2.PlanChunk, "chunk", ["header", "tokens", "summary"]),
         (decoder_pb2.DecodeRequest, "item", ["spec", "plan_chunk"]),
-        (decoder_pb2.DecodeEvent, "event", ["progress", "image_chunk", "completed"]),
+        (decoder_pb2.DecodeEvent, "event", ["progress", "image_chunk", "completed", "preview"]),
     ],
 )
 def test_stream_messages_are_oneofs(message, oneof, members):
