@@ -57,6 +57,7 @@ class ResolvedRequest:
     sampling: common_pb2.PlanSampling
     condition_images: list[common_pb2.InputImage]
     output_format: int
+    previews: int = 0  # preview images wanted
 
     def plan_request(self) -> planner_pb2.PlanRequest:
         return planner_pb2.PlanRequest(

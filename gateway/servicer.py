@@ -30,6 +30,7 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
     validation.check_size(request.width, request.height, limits)
     validation.check_steps_and_guidance(request, limits)
     validation.check_condition_images(request.condition_images, limits)
+    validation.check_previews(request.previews, limits)
     if request.output_format not in FORMATS:
         raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}", "output_format")
     return ResolvedRequest(
@@ -43,6 +44,7 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
         sampling=request.sampling,
         condition_images=list(request.condition_images),
         output_format=request.output_format or common_pb2.IMAGE_FORMAT_PNG,
+        previews=request.previews,
     )
 
 
