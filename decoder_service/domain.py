@@ -32,6 +32,8 @@ class DecodeJob:
     guidance_scale: float
     condition_images: tuple[bytes, ...]  # encoded PNG/JPEG/WebP, in the planned order
     output_format: ImageFormat = ImageFormat.PNG
+    output_quality: int | None = None  # JPEG/WebP; None: images.LOSSY_QUALITY
+    previews: int = 0  # denoising previews wanted
 
 
 @dataclass(frozen=True)

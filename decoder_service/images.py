@@ -19,12 +19,14 @@ class EncodedImage:
     sha256: str
 
 
-def encode_image(image: Image.Image, image_format: ImageFormat, png_compress_level: int = 1) -> EncodedImage:
+def encode_image(
+    image: Image.Image, image_format: ImageFormat, png_compress_level: int = 1, quality: int | None = None
+) -> EncodedImage:
     buffer = io.BytesIO()
     if image_format is ImageFormat.PNG:
         image.save(buffer, format="PNG", compress_level=png_compress_level)
     else:
-        image.save(buffer, format=_PIL_FORMATS[image_format], quality=LOSSY_QUALITY)
+        image.save(buffer, format=_PIL_FORMATS[image_format], quality=quality or LOSSY_QUALITY)
     data = buffer.getvalue()
     return EncodedImage(data=data, sha256=hashlib.sha256(data).hexdigest())
 

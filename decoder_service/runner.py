@@ -264,7 +264,12 @@ class _Call:
         image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
         encoded = await self._until(
             self._submit(
-                encode_image, image, job.output_format, self.runner.options.png_compress_level, timing="encode_seconds"
+                encode_image,
+                image,
+                job.output_format,
+                self.runner.options.png_compress_level,
+                job.output_quality,
+                timing="encode_seconds",
             )
         )
         self._raise_if_failed()  # a bad chunk that came during the last step

@@ -26,6 +26,8 @@ from servekit.server import package_version
 from servekit.validation import (
     Limits,
     check_condition_images,
+    check_output,
+    check_previews,
     check_prompt,
     check_request_id,
     check_size,
@@ -63,8 +65,8 @@ def job_from_proto(
     check_size(spec.width, spec.height, limits)
     check_steps_and_guidance(spec, limits)
     check_condition_images(spec.condition_images, limits)
-    if spec.output_format not in _FORMATS_IN:
-        raise InvalidRequest(f"output_format {spec.output_format} is not one of PNG, JPEG, WEBP", "output_format")
+    check_output(spec)
+    check_previews(spec.previews, limits)
     return DecodeJob(
         request_id=spec.request_id or request_id or uuid.uuid4().hex,
         prompt=spec.prompt,
@@ -75,6 +77,8 @@ def job_from_proto(
         guidance_scale=spec.guidance_scale if spec.HasField("guidance_scale") else default_guidance_scale,
         condition_images=tuple(image.data for image in spec.condition_images),
         output_format=_FORMATS_IN[spec.output_format],
+        output_quality=spec.output_quality if spec.HasField("output_quality") else None,
+        previews=spec.previews,
     )
 
 

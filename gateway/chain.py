@@ -57,6 +57,7 @@ class ResolvedRequest:
     sampling: common_pb2.PlanSampling
     condition_images: list[common_pb2.InputImage]
     output_format: int
+    output_quality: int | None = None  # JPEG/WebP; None: the decoder's default
     previews: int = 0  # preview images wanted
 
     def plan_request(self) -> planner_pb2.PlanRequest:
@@ -74,6 +75,8 @@ class ResolvedRequest:
             spec.num_inference_steps = self.steps
         if self.guidance_scale is not None:
             spec.guidance_scale = self.guidance_scale
+        if self.output_quality is not None:
+            spec.output_quality = self.output_quality
         return spec
 
 

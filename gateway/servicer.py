@@ -13,14 +13,11 @@ from gateway.replicas import ReplicaPool
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
 from servekit import validation
 from servekit.admission import Admission
-from servekit.errors import InvalidRequest, Unavailable
+from servekit.errors import Unavailable
 from servekit.outcomes import counted
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
-
-FORMATS = {common_pb2.IMAGE_FORMAT_UNSPECIFIED, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_JPEG,
-           common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
 
 
 def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> ResolvedRequest:
@@ -31,8 +28,7 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
     validation.check_steps_and_guidance(request, limits)
     validation.check_condition_images(request.condition_images, limits)
     validation.check_previews(request.previews, limits)
-    if request.output_format not in FORMATS:
-        raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}", "output_format")
+    validation.check_output(request)
     return ResolvedRequest(
         request_id=request.request_id or secrets.token_hex(8),
         prompt=request.prompt,
@@ -44,6 +40,7 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
         sampling=request.sampling,
         condition_images=list(request.condition_images),
         output_format=request.output_format or common_pb2.IMAGE_FORMAT_PNG,
+        output_quality=request.output_quality if request.HasField("output_quality") else None,
         previews=request.previews,
     )
 

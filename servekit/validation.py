@@ -113,6 +113,24 @@ def check_condition_images(images, limits: Limits) -> None:
             )
 
 
+OUTPUT_FORMATS = {
+    common_pb2.IMAGE_FORMAT_UNSPECIFIED, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_JPEG,
+    common_pb2.IMAGE_FORMAT_WEBP,
+}  # fmt: skip
+
+
+def check_output(request) -> None:
+    """`request` has output_format and an optional output_quality (GenerateRequest, DecodeSpec)."""
+    if request.output_format not in OUTPUT_FORMATS:
+        raise InvalidRequest(f"output_format must be PNG, JPEG or WebP, got {request.output_format}", "output_format")
+    if request.HasField("output_quality"):
+        if request.output_format not in (common_pb2.IMAGE_FORMAT_JPEG, common_pb2.IMAGE_FORMAT_WEBP):
+            raise InvalidRequest("output_quality applies to JPEG and WebP only; PNG is lossless", "output_quality")
+        if not 1 <= request.output_quality <= 100:
+            raise InvalidRequest(f"output_quality must be between 1 and 100, got {request.output_quality}",
+                                 "output_quality")  # fmt: skip
+
+
 def check_previews(previews: int, limits: Limits) -> None:
     if previews > limits.max_previews:
         raise InvalidRequest(f"previews must be between 0 and {limits.max_previews}, got {previews}", "previews")

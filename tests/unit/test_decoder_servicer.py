@@ -68,7 +68,13 @@ def test_output_formats(value, expected):
         ({"prompt": ""}, "prompt must not be empty"),
         ({"prompt": "\x00\t"}, "prompt must not be empty"),
         ({"request_id": "req\r\n1"}, "request_id may hold only printable ASCII"),
-        ({"output_format": 5}, "output_format 5"),
+        ({"output_format": 5}, "output_format must be PNG, JPEG or WebP, got 5"),
+        ({"output_quality": 90}, "output_quality applies to JPEG and WebP only"),
+        (
+            {"output_format": common_pb2.IMAGE_FORMAT_JPEG, "output_quality": 0},
+            "output_quality must be between 1 and 100",
+        ),
+        ({"previews": 4}, "previews must be between 0 and 3, got 4"),
         ({"condition_images": [common_pb2.InputImage()] * 5}, "at most 4 condition images"),
     ],
 )

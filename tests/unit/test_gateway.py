@@ -37,6 +37,8 @@ def test_resolve_assigns_request_id_and_seed_and_keeps_unset_steps_unset():
         (dict(prompt=""), "prompt must not be empty"),
         (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 100"),
         (dict(output_format=9), "output_format must be PNG, JPEG or WebP"),
+        (dict(output_format=common_pb2.IMAGE_FORMAT_WEBP, output_quality=101), "output_quality must be between 1"),
+        (dict(previews=4), "previews must be between 0 and 3, got 4"),
         (dict(request_id="x" * 129), "request_id must be at most 128 characters"),
         (dict(request_id="a\nb"), r"request_id may hold only printable ASCII characters \(0x20-0x7E"),
         (dict(prompt="\x00"), "prompt must not be empty: it needs at least one visible character"),
