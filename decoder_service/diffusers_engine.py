@@ -79,6 +79,7 @@ class _Request:
     conditions: list[_Condition] = field(default_factory=list)
     kv_caches: GlmImageKVCache | None = None
     denoise: _Denoise | None = None
+    last_step: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, velocity) of the last step, for previews
 
 
 class DiffusersEngine(DecoderEngine):
@@ -290,6 +291,8 @@ class DiffusersEngine(DecoderEngine):
         else:
             noise_pred = noise_pred_cond
         request.latents = request.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if job.previews:
+            request.last_step = latents, noise_pred
         state.index += 1
         if request.latents.is_cuda:
             torch.cuda.synchronize(request.latents.device)  # the step is done when it returns
@@ -303,6 +306,26 @@ class DiffusersEngine(DecoderEngine):
         mean, std = self._latents_stats(latents.dtype)
         latents = latents * std + mean
         image = vae.decode(latents, return_dict=False, generator=request.generator)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    @torch.no_grad()
+    def preview(self, request: _Request, max_side: int) -> Image.Image:
+        """The flow-matching estimate of the clean latents after the last step (x0 = x_t - sigma_t * v),
+        average-pooled by the power of two (at most 4, latent sides are multiples of 4) that brings
+        the longer side to `max_side` or less, then VAE-decoded: a fraction of the final decode's cost."""
+        latents, velocity = request.last_step
+        scheduler = request.scheduler
+        sigma = float(scheduler.sigmas[scheduler.step_index - 1])
+        estimate = latents.float() - sigma * velocity.float()
+        factor = 1
+        while factor < 4 and max(request.job.width, request.job.height) // factor > max_side:
+            factor *= 2
+        if factor > 1:
+            estimate = torch.nn.functional.avg_pool2d(estimate, factor)
+        vae = self.pipe.vae
+        estimate = estimate.to(vae.dtype)
+        mean, std = self._latents_stats(estimate.dtype)
+        image = vae.decode(estimate * std + mean, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     def release(self, request: _Request) -> None:

@@ -91,12 +91,24 @@ class Timings:
     vae_decode_seconds: float = 0.0
     encode_seconds: float = 0.0
     total_seconds: float = 0.0
+    previews_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class Progress:
     done: int
     total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A small image of the denoising estimate (Decode) or of the plan's preview grid (RenderPreview)."""
+
+    index: int
+    width: int
+    height: int
+    format: ImageFormat
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class Completed:
     size_bytes: int
     plan_tokens: int
     timings: Timings = field(default_factory=Timings)
+    previews: int = 0  # previews sent
 
 
-DecodeEvent = Progress | ImageChunk | Completed
+DecodeEvent = Progress | Preview | ImageChunk | Completed

@@ -2,11 +2,12 @@
 
 Every method but `info` blocks; the runner calls `read_conditions` in a thread of its own (image
 decoding must not hold up other requests' steps) and the others in its single worker thread, one
-request's calls in this order: `prepare` (as soon as the spec is valid and its images are read), `add_conditions` (i2i, once the plan
-header has arrived), `begin` (once the plan is complete), `step` once per denoising step, `finish`
-(VAE decode), and `release` (always, last). The runner checks cancellation and deadlines between
-two calls, so a request stops within one step, and the calls of concurrent requests interleave step
-by step on the one thread, so that only one step's activations are ever alive.
+request's calls in this order: `prepare` (as soon as the spec is valid and its images are read),
+`add_conditions` (i2i, once the plan header has arrived), `begin` (once the plan is complete),
+`step` once per denoising step (`preview` after one, when a preview is due), `finish` (VAE decode),
+and `release` (always, last). The runner checks cancellation and deadlines between two calls, so a
+request stops within one step, and the calls of concurrent requests interleave step by step on the
+one thread, so that only one step's activations are ever alive.
 """
 
 import abc
@@ -65,6 +66,11 @@ class DecoderEngine(abc.ABC):
     @abc.abstractmethod
     def finish(self, prepared: Prepared) -> Image.Image:
         """Decodes the latents into the RGB image."""
+
+    @abc.abstractmethod
+    def preview(self, prepared: Prepared, max_side: int) -> Image.Image:
+        """After a `step`: the final image as that step estimates it, decoded cheaply at most about
+        `max_side` pixels a side. Changes nothing the next steps use."""
 
     def release(self, prepared: Prepared) -> None:  # noqa: B027 - optional hook
         """Frees a request's state early (the KV cache); called whatever happened."""

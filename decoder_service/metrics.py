@@ -1,6 +1,6 @@
 """The decoder's Prometheus metrics (served on --metrics-port), labelled stage="decoder"."""
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 STAGE = "decoder"
 
@@ -23,3 +23,9 @@ TAIL_SECONDS = Histogram(
     "glmimage_decoder_tail_seconds", "From the plan's last target id to the last event (what planning does not hide)",
     ["stage"], buckets=_LONG_BUCKETS,
 ).labels(STAGE)  # fmt: skip
+PREVIEWS = Counter(
+    "glmimage_decoder_previews",
+    "Preview images by kind (plan: a plan's preview grid; denoising: a decode's "
+    "estimate) and outcome (sent; skipped: the decoder was needed for full images; preempted: stopped for one)",
+    ["stage", "kind", "outcome"],
+)

@@ -3,10 +3,11 @@ cancellation and deadlines. No gRPC and no torch: it speaks the domain types of 
 
 One Decode call:
   spec (validated) -> a place among the calls waiting (RESOURCE_EXHAUSTED when none is left)
-  -> condition images read in a thread -> engine.prepare starts in the worker while plan chunks are read -> header: engine.add_conditions
-  (i2i) -> plan complete -> a denoising slot (heartbeats while waiting for it) -> engine.begin, then
-  engine.step with a Progress after each -> engine.finish (VAE) -> the image encoded -> ImageChunks
-  -> Completed.
+  -> condition images read in a thread -> engine.prepare starts in the worker while plan chunks
+  are read -> header: engine.add_conditions (i2i) -> plan complete -> a denoising slot (heartbeats
+  while waiting for it) -> engine.begin, then engine.step with a Progress after each (and a
+  Preview after the steps `previews.preview_steps` picks) -> engine.finish (VAE) -> the image
+  encoded -> ImageChunks -> Completed.
 The slot is taken only once the plan is complete, so the device never idles while a plan is still
 being written. A bad chunk, a failed job, the end of the stream before the plan is complete, or no
 plan chunk for `plan_stall_timeout_s` ends the call with that error at once; chunks that arrive
@@ -17,12 +18,14 @@ within one step.
 
 All engine work runs as jobs on one worker thread, in the order submitted: the steps of concurrent
 calls (max_concurrent_decodes > 1) interleave one by one, and one call's preparation runs between
-another's steps, while only one step's activations are ever alive on the device.
+another's steps, while only one step's activations are ever alive on the device. A plan preview
+(`render_preview`) is one job that gives up between two of its steps as soon as a plan is complete.
 """
 
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,14 +40,16 @@ from decoder_service.domain import (
     Plan,
     PlanHeader,
     PlanItem,
+    Preview,
     Progress,
     Timings,
 )
 from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.images import chunks, encode_image
 from decoder_service.plan import PlanAssembler, PlanExpectations
+from decoder_service.previews import preview_steps, render_estimate, render_plan_preview
 from servekit.admission import Admission, Ticket
-from servekit.errors import DeadlineExceeded, NotReady, Stalled
+from servekit.errors import Busy, DeadlineExceeded, NotReady, Preempted, Stalled
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class RunnerOptions:
     png_compress_level: int = 1
     warm_up: bool = True
     warm_up_side: int = 512  # a square of this side, 1 step
+    preview_max_side: int = 512  # denoising previews are at most about this many pixels a side
 
 
 class DecodeRunner:
@@ -71,6 +77,8 @@ class DecodeRunner:
         self._ready = False
         # the last measured step time per image size: to refuse work that cannot meet its deadline
         self.step_seconds: dict[tuple[int, int], float] = {}
+        self.ready_plans = 0  # calls whose plan is complete, until they end: full images that need the device
+        self._previewing = False  # a plan preview holds the worker (one at a time)
 
     @property
     def info(self) -> EngineInfo:
@@ -110,6 +118,45 @@ class DecodeRunner:
         self._ready = False
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
         self.engine.close()
+
+    def others_waiting_for_a_slot(self) -> bool:
+        return self.ready_plans > self.admission.in_flight
+
+    async def render_preview(
+        self, job: DecodeJob, ids: tuple[int, ...], time_remaining: float | None = None
+    ) -> Preview:
+        """A plan's preview grid rendered (`job` sized to the grid, with the preview steps), only while
+        no complete plan needs the device: Busy at once when one does, Preempted when one arrives."""
+        if self._previewing or self.ready_plans:
+            metrics.PREVIEWS.labels(metrics.STAGE, "plan", "skipped").inc()
+            what = "another preview" if self._previewing else f"{self.ready_plans} full image(s)"
+            raise Busy(f"preview skipped: this decoder is busy with {what}; previews never wait")
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        stop = threading.Event()
+
+        def should_stop() -> bool:
+            return stop.is_set() or self.ready_plans > 0 or (deadline is not None and time.monotonic() >= deadline)
+
+        self._previewing = True
+        work = self.submit(render_plan_preview, self.engine, job, ids, should_stop, self.options.png_compress_level)
+        work.add_done_callback(self._preview_done)
+        try:
+            encoded = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()  # the worker stops before its next step; _preview_done frees the place then
+            raise
+        if encoded is None:
+            metrics.PREVIEWS.labels(metrics.STAGE, "plan", "preempted").inc()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed while the preview was being rendered")
+            raise Preempted("preview stopped: a full image needed this decoder")
+        metrics.PREVIEWS.labels(metrics.STAGE, "plan", "sent").inc()
+        return Preview(0, job.width, job.height, job.output_format, encoded.data)
+
+    def _preview_done(self, work: asyncio.Future) -> None:
+        self._previewing = False
+        if not work.cancelled():
+            work.exception()  # retrieved here: a cancelled caller no longer waits for it
 
     async def decode(
         self, job: DecodeJob, items: AsyncIterator[PlanItem], time_remaining: float | None = None
@@ -156,6 +203,8 @@ class _Call:
         self.plan_complete_at = 0.0
         self.reader: asyncio.Task | None = None
         self.prepared_job: asyncio.Future | None = None
+        self.counted_ready = False  # counted in runner.ready_plans
+        self.previews = 0  # previews sent
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -224,6 +273,8 @@ class _Call:
                 self.header.set_result(self.assembler.header)
             if self.assembler.complete and not self.plan.done():
                 self.plan_complete_at = time.perf_counter()
+                self.runner.ready_plans += 1
+                self.counted_ready = True
                 self.plan.set_result(self.assembler.plan())
         self.assembler.finish()
 
@@ -252,6 +303,7 @@ class _Call:
             yield heartbeat
 
         total = await self._until(self._submit(engine.begin, prepared, plan.target_ids, timing="denoising_seconds"))
+        previews_due = preview_steps(total, job.previews)
         for done in range(1, total + 1):
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise DeadlineExceeded(f"the deadline passed after {done - 1} of {total} denoising steps")
@@ -261,6 +313,10 @@ class _Call:
             self.runner.step_seconds[(job.width, job.height)] = step_seconds
             metrics.DENOISE_STEP_SECONDS.observe(step_seconds)
             yield Progress(done, total)
+            if done in previews_due:
+                preview = await self._preview(prepared)
+                if preview is not None:
+                    yield preview
         image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
         encoded = await self._until(
             self._submit(
@@ -286,7 +342,22 @@ class _Call:
         yield Completed(
             request_id=job.request_id, width=job.width, height=job.height, seed=job.seed, format=job.output_format,
             sha256=encoded.sha256, size_bytes=len(encoded.data), plan_tokens=len(plan.target_ids), timings=t,
+            previews=self.previews,
         )  # fmt: skip
+
+    async def _preview(self, prepared) -> Preview | None:
+        """The estimate after this step, small; None (skipped) while another call's plan waits for a slot."""
+        if self.runner.others_waiting_for_a_slot():
+            metrics.PREVIEWS.labels(metrics.STAGE, "denoising", "skipped").inc()
+            return None
+        options = self.runner.options
+        encoded, width, height = await self._until(
+            self._submit(render_estimate, self.engine, prepared, self.job, options.preview_max_side,
+                         options.png_compress_level, timing="previews_seconds")
+        )  # fmt: skip
+        metrics.PREVIEWS.labels(metrics.STAGE, "denoising", "sent").inc()
+        self.previews += 1
+        return Preview(self.previews - 1, width, height, self.job.output_format, encoded.data)
 
     def _check_time_left(self) -> None:
         """DEADLINE_EXCEEDED now, rather than a slot held for steps that cannot finish in time."""
@@ -322,6 +393,9 @@ class _Call:
 
     async def close(self) -> None:
         """Stops the call; returns once the worker has left the engine, so the slot can be freed."""
+        if self.counted_ready:
+            self.runner.ready_plans -= 1
+            self.counted_ready = False
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
         for job in self.queued_jobs:

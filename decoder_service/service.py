@@ -29,9 +29,12 @@ def make_service(settings: DecoderSettings, engine: DecoderEngine | None = None)
             png_compress_level=settings.png_compress_level,
             warm_up=settings.warm_up,
             warm_up_side=limits.min_side,
+            preview_max_side=settings.preview_max_side,
         ),
     )
-    servicer = DecoderServicer(runner, limits, settings.default_steps, settings.default_guidance_scale)
+    servicer = DecoderServicer(
+        runner, limits, settings.default_steps, settings.default_guidance_scale, settings.preview_steps
+    )
     return ServiceSpec(
         names=[SERVICE_NAME],
         register=lambda server: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server),

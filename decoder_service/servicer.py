@@ -17,15 +17,18 @@ from decoder_service.domain import (
     PlanItem,
     PlanSummary,
     PlanTokens,
+    Preview,
     Progress,
 )
 from decoder_service.runner import DecodeRunner
 from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2
-from servekit.errors import InvalidRequest
+from servekit.errors import IncompatiblePlan, InvalidRequest
 from servekit.server import package_version
 from servekit.validation import (
+    SIZE_MULTIPLE,
     Limits,
     check_condition_images,
+    check_guidance,
     check_output,
     check_previews,
     check_prompt,
@@ -48,6 +51,7 @@ _FORMATS_OUT = {
     ImageFormat.WEBP: common_pb2.IMAGE_FORMAT_WEBP,
 }
 _GRIDS = {planner_pb2.GRID_PREVIEW: Grid.PREVIEW, planner_pb2.GRID_TARGET: Grid.TARGET}
+MAX_PREVIEW_CELLS = 32 * 32  # a preview grid is ~16x16 cells whatever the image's size
 
 
 def job_from_proto(
@@ -82,6 +86,48 @@ def job_from_proto(
     )
 
 
+def preview_job_from_proto(
+    request: decoder_pb2.PreviewRequest, limits: Limits, plan_format: str, codebook_size: int, steps: int,
+    default_guidance_scale: float, request_id: str = "",
+) -> tuple[DecodeJob, tuple[int, ...]]:  # fmt: skip
+    """A plan preview as a small DecodeJob of `steps` steps, and its grid's ids."""
+    check_request_id(request.request_id)
+    check_request_id(request_id)
+    check_prompt(request.prompt, limits)
+    check_guidance(request, limits)
+    check_output(request)
+    if request.plan_format != plan_format:
+        raise IncompatiblePlan(
+            f"the preview grid's plan_format {request.plan_format!r} is not this decoder's {plan_format!r}"
+        )
+    rows, cols = request.rows, request.cols
+    if rows < 1 or cols < 1 or rows * cols > MAX_PREVIEW_CELLS:
+        raise InvalidRequest(
+            f"a preview grid has 1 to {MAX_PREVIEW_CELLS} cells (rows x cols >= 1), got {rows}x{cols}", "rows"
+        )
+    if len(request.ids) != rows * cols:
+        raise InvalidRequest(f"the preview grid has {len(request.ids)} ids for {rows}x{cols} cells", "ids")
+    bad = next((index for index, value in enumerate(request.ids) if value >= codebook_size), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"preview id {request.ids[bad]} at index {bad} is out of range: the codebook has {codebook_size} entries",
+            "ids",
+        )
+    job = DecodeJob(
+        request_id=request.request_id or request_id or uuid.uuid4().hex,
+        prompt=request.prompt,
+        width=cols * SIZE_MULTIPLE,
+        height=rows * SIZE_MULTIPLE,
+        seed=request.seed,
+        steps=steps,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else default_guidance_scale,
+        condition_images=(),
+        output_format=_FORMATS_IN[request.output_format],
+        output_quality=request.output_quality if request.HasField("output_quality") else None,
+    )
+    return job, tuple(request.ids)
+
+
 def plan_item_from_proto(chunk: planner_pb2.PlanChunk) -> PlanItem:
     kind = chunk.WhichOneof("chunk")
     if kind == "header":
@@ -110,7 +156,16 @@ def plan_item_from_proto(chunk: planner_pb2.PlanChunk) -> PlanItem:
     raise InvalidRequest("a plan_chunk must hold a header, tokens or a summary; got an empty one")
 
 
+def preview_to_proto(preview: Preview, stage: int) -> common_pb2.PreviewImage:
+    return common_pb2.PreviewImage(
+        index=preview.index, stage=stage, width=preview.width, height=preview.height,
+        format=_FORMATS_OUT[preview.format], data=preview.data,
+    )  # fmt: skip
+
+
 def event_to_proto(event: DecodeEvent) -> decoder_pb2.DecodeEvent:
+    if isinstance(event, Preview):
+        return decoder_pb2.DecodeEvent(preview=preview_to_proto(event, common_pb2.STAGE_DECODING))
     if isinstance(event, Progress):
         return decoder_pb2.DecodeEvent(
             progress=common_pb2.Progress(stage=common_pb2.STAGE_DECODING, done=event.done, total=event.total)
@@ -130,6 +185,7 @@ def event_to_proto(event: DecodeEvent) -> decoder_pb2.DecodeEvent:
                 request_id=event.request_id,
                 size_bytes=event.size_bytes,
                 decoder_attempts=1,
+                previews=event.previews,
                 timings=common_pb2.Timings(
                     queue_seconds=t.queue_seconds,
                     decoder_prepare_seconds=t.decoder_prepare_seconds,
@@ -137,6 +193,7 @@ def event_to_proto(event: DecodeEvent) -> decoder_pb2.DecodeEvent:
                     vae_decode_seconds=t.vae_decode_seconds,
                     encode_seconds=t.encode_seconds,
                     total_seconds=t.total_seconds,
+                    previews_seconds=t.previews_seconds,
                 ),
             )
         )
@@ -160,11 +217,13 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
-    def __init__(self, runner: DecodeRunner, limits: Limits, default_steps: int, default_guidance_scale: float):
+    def __init__(self, runner: DecodeRunner, limits: Limits, default_steps: int, default_guidance_scale: float,
+                 preview_steps: int):  # fmt: skip
         self.runner = runner
         self.limits = limits
         self.default_steps = default_steps
         self.default_guidance_scale = default_guidance_scale
+        self.preview_steps = preview_steps
 
     async def Decode(self, request_iterator, context):
         requests = aiter(request_iterator)
@@ -177,6 +236,15 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         )
         async for event in self.runner.decode(job, _plan_items(requests), context.time_remaining()):
             yield event_to_proto(event)
+
+    async def RenderPreview(self, request, context):
+        info = self.runner.info
+        job, ids = preview_job_from_proto(
+            request, self.limits, info.plan_format, info.codebook_size, self.preview_steps, self.default_guidance_scale,
+            _metadata_request_id(context),
+        )  # fmt: skip
+        preview = await self.runner.render_preview(job, ids, context.time_remaining())
+        return preview_to_proto(preview, common_pb2.STAGE_PLANNING)
 
     async def GetServerInfo(self, request, context):
         info = self.runner.info

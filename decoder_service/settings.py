@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from servekit.settings import ServerSettings, option
+from servekit.validation import SIZE_MULTIPLE
 
 ENV_PREFIX = "DECODER"
 MAX_CHUNK_BYTES = 1024 * 1024  # the contract: image chunks are at most 1 MiB
@@ -39,6 +40,10 @@ class DecoderSettings(ServerSettings):
     chunk_bytes: int = option(MAX_CHUNK_BYTES, "size of the image chunks streamed back (at most 1 MiB)")
     png_compress_level: int = option(1, "zlib level of PNG output, 0-9 (higher: smaller files, slower)")
     warm_up: bool = option(True, "run one minimal decode before reporting SERVING")
+    preview_steps: int = option(8, "denoising steps of a plan preview (the plan's preview grid, rendered small)")
+    preview_max_side: int = option(
+        512, "denoising previews are the image scaled down by 2 or 4 until about this many pixels a side"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +59,8 @@ class DecoderSettings(ServerSettings):
             raise ValueError("--plan-stall-timeout-seconds and --heartbeat-seconds must be > 0")
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"--chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}")
+        if self.preview_steps < 1 or self.preview_max_side < SIZE_MULTIPLE:
+            raise ValueError(f"--preview-steps must be >= 1 and --preview-max-side >= {SIZE_MULTIPLE}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError("--png-compress-level must be between 0 and 9")
         limits = self.limits()  # raises on bad sides/steps

@@ -78,6 +78,20 @@ class Overloaded(ServiceError):
     retry_after_s = 1.0
 
 
+class Busy(ServiceError):
+    """Best-effort work (a preview) refused at once: the capacity is needed for full requests."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BUSY"
+
+
+class Preempted(ServiceError):
+    """Best-effort work (a preview) stopped because a full request needed the capacity."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "PREEMPTED"
+
+
 class NotReady(ServiceError):
     """The service is loading or draining."""
 

@@ -145,6 +145,11 @@ def check_steps_and_guidance(request, limits: Limits) -> None:
                 f"num_inference_steps must be between {limits.min_steps} and {limits.max_steps}, got {steps}",
                 "num_inference_steps",
             )
+    check_guidance(request, limits)
+
+
+def check_guidance(request, limits: Limits) -> None:
+    """`request` has an optional guidance_scale."""
     if request.HasField("guidance_scale"):
         scale = request.guidance_scale
         if not math.isfinite(scale) or not 0.0 <= scale <= limits.max_guidance_scale:

@@ -274,6 +274,95 @@ def test_jpeg_and_webp(stub, info, output_format, pil_format):
         assert image.format == pil_format and image.size == (256, 256)
 
 
+# -- previews ------------------------------------------------------------------------------------
+
+
+def test_denoising_previews_come_between_steps_and_change_nothing(stub, info):
+    ids = random_ids(256, 256, seed=3)
+    plain = decode(stub, [spec(steps=4), *plan_stream(info, ids)])
+    result = decode(stub, [spec(steps=4, previews=2), *plan_stream(info, ids)])
+    assert result.data == plain.data and result.completed.sha256 == plain.completed.sha256
+    assert result.kinds[:6] == ["progress", "preview", "progress", "progress", "preview", "progress"]
+    assert result.kinds[6:] == ["image_chunk"] * len(result.chunks) + ["completed"]
+    previews = [event.preview for event in result.events if event.HasField("preview")]
+    for index, preview in enumerate(previews):
+        assert (preview.index, preview.stage, preview.format) == (index, common_pb2.STAGE_DECODING,
+                                                                  common_pb2.IMAGE_FORMAT_PNG)  # fmt: skip
+        with Image.open(io.BytesIO(preview.data)) as image:
+            assert image.format == "PNG" and image.size == (preview.width, preview.height) == (256, 256)
+    assert previews[0].data != previews[1].data != result.data  # the estimate moves towards the image
+    assert result.completed.previews == 2 and plain.completed.previews == 0
+    assert result.completed.timings.previews_seconds > 0 == plain.completed.timings.previews_seconds
+
+
+def preview_request(info, rows=8, cols=8, seed=11, **fields) -> decoder_pb2.PreviewRequest:
+    values = dict(prompt=PROMPT, seed=seed, plan_format=info.plan_format, rows=rows, cols=cols,
+                  ids=random_ids(cols * 32, rows * 32, seed=rows + cols))  # fmt: skip
+    values.update(fields)
+    return decoder_pb2.PreviewRequest(**values)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(8, 8), (4, 16)])
+def test_a_plan_preview_is_the_preview_grid_rendered_as_diffusers_renders_it(stub, info, pipe, rows, cols):
+    """The preview grid decoded at its own size with the decoder's preview steps (8): the same pixels
+    as the monolithic pipeline given that grid as its plan."""
+    from testkit.reference import render
+
+    request = preview_request(info, rows, cols)
+    preview = stub.RenderPreview(request, timeout=60)
+    assert (preview.stage, preview.width, preview.height) == (common_pb2.STAGE_PLANNING, cols * 32, rows * 32)
+    expected = render(pipe, PROMPT, cols * 32, rows * 32, seed=11, steps=8, target_ids=list(request.ids))
+    np.testing.assert_array_equal(pixels_of(Image.open(io.BytesIO(preview.data))), pixels_of(expected))
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        ({"plan_format": "glm-image/vq99/other"}, grpc.StatusCode.FAILED_PRECONDITION, "plan_format"),
+        ({"ids": [1, 2, 3]}, grpc.StatusCode.INVALID_ARGUMENT, "has 3 ids for 8x8 cells"),
+        ({"rows": 0}, grpc.StatusCode.INVALID_ARGUMENT, "a preview grid has 1 to 1024 cells"),
+        ({"ids": [64] * 64}, grpc.StatusCode.INVALID_ARGUMENT, "preview id 64 at index 0 is out of range"),
+        ({"prompt": " "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt must not be empty"),
+        ({"output_quality": 50}, grpc.StatusCode.INVALID_ARGUMENT, "output_quality applies to JPEG and WebP only"),
+    ],
+)
+def test_bad_preview_requests_are_refused(stub, info, fields, code, message):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RenderPreview(preview_request(info, **fields), timeout=30)
+    assert caught.value.code() == code and message in caught.value.details()
+
+
+def test_a_plan_preview_is_refused_at_once_while_a_full_image_denoises(stub, info):
+    call = OpenDecode(stub)
+    call.send(spec(steps=LONG), *plan_stream(info, random_ids(256, 256)))
+    assert call.next_event().progress.done == 1  # denoising
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RenderPreview(preview_request(info), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "previews never wait" in caught.value.details()
+    assert time.monotonic() - started < 1.0
+    call.call.cancel()
+
+
+def test_the_last_steps_estimate_is_the_image(model_dir):
+    """x0 = x_t - sigma_t * v after the last step is exactly the latents the last step produces, so a
+    preview taken there (at full size) is the final image: the estimate's formula is the scheduler's."""
+    from decoder_service.diffusers_engine import DiffusersEngine
+    from decoder_service.domain import DecodeJob
+
+    engine = DiffusersEngine(model_dir)
+    engine.load()
+    job = DecodeJob(request_id="e", prompt=PROMPT, width=256, height=256, seed=3, steps=3, guidance_scale=1.5,
+                    condition_images=(), previews=1)  # fmt: skip
+    prepared = engine.prepare(job, [])
+    for _ in range(engine.begin(prepared, random_ids(256, 256))):
+        engine.step(prepared)
+    estimate = pixels_of(engine.preview(prepared, max_side=256)).astype(int)
+    final = pixels_of(engine.finish(prepared)).astype(int)
+    assert np.abs(estimate - final).max() <= 1  # float rounding of x_t - sigma * v
+    assert pixels_of(engine.preview(prepared, max_side=128)).shape == (128, 128, 3)  # pooled x2, then decoded
+
+
 # -- bad specs and plans: clear errors, and the service stays healthy ----------------------------
 
 CONDITION = png_bytes(Image.new("RGB", (320, 192), (200, 30, 30)))

@@ -2,6 +2,7 @@
 deadlines, and the slot freed only once the worker has left the engine."""
 
 import asyncio
+import io
 import threading
 import time
 
@@ -16,11 +17,13 @@ from decoder_service.domain import (
     ImageChunk,
     PlanHeader,
     PlanTokens,
+    Preview,
     Progress,
 )
 from decoder_service.engine import DecoderEngine, EngineInfo
+from decoder_service.previews import preview_steps
 from decoder_service.runner import DecodeRunner, RunnerOptions
-from servekit.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Stalled
+from servekit.errors import Busy, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Preempted, Stalled
 
 pytestmark = pytest.mark.unit
 
@@ -72,14 +75,18 @@ class ScriptedEngine(DecoderEngine):
         self.calls.append(f"finish:{job.request_id}")
         return Image.new("RGB", (job.width, job.height), (1, 2, 3))
 
+    def preview(self, job, max_side):
+        self.calls.append(f"preview:{job.request_id}")
+        return Image.new("RGB", (job.width // 2, job.height // 2), (4, 5, 6))
+
     def release(self, job):
         self.calls.append(f"release:{job.request_id}")
 
 
-def job(steps=3, images=(), request_id="r1") -> DecodeJob:
+def job(steps=3, images=(), request_id="r1", previews=0) -> DecodeJob:
     return DecodeJob(
         request_id=request_id, prompt="p", width=SIDE, height=SIDE, seed=1, steps=steps, guidance_scale=1.5,
-        condition_images=tuple(images),
+        condition_images=tuple(images), previews=previews,
     )  # fmt: skip
 
 
@@ -106,6 +113,19 @@ async def collect(runner, decode_job, items, time_remaining=None) -> list:
 
 async def wait_for(event: threading.Event) -> None:
     assert await asyncio.to_thread(event.wait, 5.0), "timed out"
+
+
+async def until(condition) -> None:
+    for _ in range(1000):  # 5 s
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+async def whole_plan():
+    yield header()
+    yield target()
 
 
 def run(coroutine, timeout=20):
@@ -460,3 +480,117 @@ def test_condition_images_are_read_off_the_worker_thread():
         return photo
 
     assert isinstance(run(main())[-1], Completed)
+
+
+@pytest.mark.parametrize(
+    ("total", "wanted", "steps"),
+    [(8, 1, [4]), (8, 2, [3, 5]), (8, 3, [2, 4, 6]), (50, 2, [17, 33]), (3, 3, [1, 2]), (1, 2, []), (8, 0, [])],
+)
+def test_denoising_previews_are_spread_over_the_steps_before_the_last(total, wanted, steps):
+    assert preview_steps(total, wanted) == steps
+
+
+def test_denoising_previews_come_between_steps_and_leave_the_image_unchanged():
+    engine = ScriptedEngine()
+
+    async def main():
+        runner = await started_runner(engine)
+        with_previews = await collect(runner, job(steps=8, previews=2), whole_plan())
+        without = await collect(runner, job(steps=8, request_id="r2"), whole_plan())
+        await runner.stop()
+        return with_previews, without
+
+    with_previews, without = run(main())
+    kinds = [f"{type(e).__name__}{getattr(e, 'done', '')}" for e in with_previews if not isinstance(e, ImageChunk)]
+    assert kinds == [*(f"Progress{i}" for i in range(1, 4)), "Preview", "Progress4", "Progress5", "Preview",
+                     "Progress6", "Progress7", "Progress8", "Completed"]  # fmt: skip
+    previews = [e for e in with_previews if isinstance(e, Preview)]
+    assert [(p.index, p.width, p.height) for p in previews] == [(0, SIDE // 2, SIDE // 2), (1, SIDE // 2, SIDE // 2)]
+    assert Image.open(io.BytesIO(previews[0].data)).size == (SIDE // 2, SIDE // 2)
+    assert with_previews[-1].previews == 2 and with_previews[-1].timings.previews_seconds > 0
+    assert with_previews[-1].sha256 == without[-1].sha256 and without[-1].previews == 0
+    assert engine.calls.count("preview:r1") == 2 and "preview:r2" not in engine.calls
+
+
+def test_denoising_previews_are_skipped_while_another_plan_waits_for_the_slot():
+    engine = ScriptedEngine(step_seconds=0.02)
+
+    async def main():
+        runner = await started_runner(engine, max_concurrent_decodes=1)
+        first = asyncio.create_task(collect(runner, job(steps=8, previews=3, request_id="a"), whole_plan()))
+        await until(lambda: engine.steps_run >= 1)
+        second = await collect(runner, job(steps=2, request_id="b"), whole_plan())
+        return await first, second
+
+    first, second = run(main())
+    assert isinstance(second[-1], Completed)
+    assert first[-1].previews == 0 and not [e for e in first if isinstance(e, Preview)]
+    assert "preview:a" not in engine.calls
+
+
+def preview_job(request_id="p", steps=4) -> DecodeJob:
+    return DecodeJob(request_id=request_id, prompt="p", width=SIDE, height=SIDE, seed=1, steps=steps,
+                     guidance_scale=1.5, condition_images=())  # fmt: skip
+
+
+def test_a_plan_preview_renders_on_an_idle_decoder():
+    engine = ScriptedEngine()
+
+    async def main():
+        runner = await started_runner(engine)
+        return await runner.render_preview(preview_job(), (1, 2, 3, 4))
+
+    preview = run(main())
+    assert (preview.index, preview.width, preview.height) == (0, SIDE, SIDE)
+    assert Image.open(io.BytesIO(preview.data)).size == (SIDE, SIDE)
+    assert engine.calls[1:] == ["prepare:p", "begin:4", *["step:p"] * 4, "finish:p", "release:p"]
+
+
+def test_a_plan_preview_is_refused_while_a_complete_plan_needs_the_decoder():
+    engine = ScriptedEngine(step_seconds=0.02)
+
+    async def main():
+        runner = await started_runner(engine)
+        decode = asyncio.create_task(collect(runner, job(steps=10), whole_plan()))
+        await until(lambda: engine.steps_run >= 1)
+        with pytest.raises(Busy, match="busy with 1 full image"):
+            await runner.render_preview(preview_job(), (1, 2, 3, 4))
+        await decode
+
+    run(main())
+
+
+def test_a_plan_preview_stops_when_a_plan_completes_and_the_full_image_goes_first():
+    engine = ScriptedEngine(step_seconds=0.02)
+
+    async def main():
+        runner = await started_runner(engine)
+        preview = asyncio.create_task(runner.render_preview(preview_job(steps=50), (1, 2, 3, 4)))
+        await until(lambda: engine.steps_run >= 2)
+        events = await collect(runner, job(steps=2, request_id="full"), whole_plan())
+        with pytest.raises(Preempted):
+            await preview
+        return events
+
+    events = run(main())
+    assert isinstance(events[-1], Completed)
+    calls = engine.calls
+    assert calls.count("step:p") < 10 and "finish:p" not in calls
+    assert calls.index("release:p") < calls.index("step:full")  # stopped before the full image's first step
+
+
+def test_a_cancelled_plan_preview_stops_within_a_step_and_frees_its_place():
+    engine = ScriptedEngine(step_seconds=0.02)
+
+    async def main():
+        runner = await started_runner(engine)
+        preview = asyncio.create_task(runner.render_preview(preview_job(steps=50), (1, 2, 3, 4)))
+        await until(lambda: engine.steps_run >= 2)
+        preview.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await preview
+        await until(lambda: "release:p" in engine.calls)
+        return await runner.render_preview(preview_job(request_id="q", steps=1), (1, 2, 3, 4))
+
+    assert run(main()).width == SIDE
+    assert engine.calls.count("step:p") < 10
