@@ -2,6 +2,7 @@
 
 import grpc
 
+from gateway.http_api import HttpFront, HttpOptions
 from gateway.replicas import ReplicaPool
 from gateway.servicer import ImageServicer
 from gateway.settings import GatewaySettings
@@ -22,8 +23,10 @@ def _stage_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | N
 
 
 def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
-    """Ready (SERVING) while at least one planner and one decoder replica are SERVING."""
+    """Ready (SERVING) while at least one planner and one decoder replica are SERVING. With --http-port,
+    the OpenAI-compatible HTTP front serves from start-up (liveness at once, readiness like gRPC's)."""
     pools: dict[str, ReplicaPool] = {}  # made in register(): aio channels need the running loop
+    fronts: list[HttpFront] = []
 
     def register(server: grpc.aio.Server) -> None:
         credentials = _stage_credentials(settings)
@@ -47,6 +50,15 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
             version=package_version(),
         )
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
+        if settings.http_port:
+            options = HttpOptions(
+                host=settings.host, port=settings.http_port, served_model_name=settings.served_model_name,
+                max_images=settings.http_max_images, api_key=settings.http_api_key(),
+                grace_seconds=settings.shutdown_grace_seconds, tls_cert_file=settings.tls_cert_file,
+                tls_key_file=settings.tls_key_file,
+            )  # fmt: skip
+            fronts.append(HttpFront(servicer, options, check))
+            fronts[0].start()
 
     async def start() -> None:
         for pool in pools.values():
@@ -59,8 +71,13 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
             if not pool.serving():
                 raise Unavailable(f"no {stage} replica is SERVING")
 
+    async def drain(grace: float) -> None:
+        for front in fronts:
+            await front.drain(grace)
+
     async def stop() -> None:
         for pool in pools.values():
             await pool.close()
 
-    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop, check=check, stage="gateway")
+    return ServiceSpec(names=[SERVICE_NAME], register=register, start=start, stop=stop, check=check, stage="gateway",
+                       drain=drain)  # fmt: skip

@@ -4,6 +4,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -69,13 +70,22 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         return self._defaults
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        async for event in counted(self._generate(request, context), metrics.REQUESTS):
+        remaining = context.time_remaining()
+        timeout = None if remaining is None or math.isinf(remaining) else remaining
+        async for event in self.generate(request, timeout):
             yield event
 
-    async def _generate(self, request, context: grpc.aio.ServicerContext):
-        remaining = context.time_remaining()
-        timeout = self.default_timeout_s if remaining is None or math.isinf(remaining) else remaining
-        deadline = time.monotonic() + timeout
+    async def generate(
+        self, request: image_service_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[image_service_pb2.GenerateEvent]:
+        """One image, whoever asks (gRPC Generate, the HTTP front): validation, admission, the deadline
+        (`timeout_s`, or the default), `accepted`, then the chain's events; counted in the metrics.
+        Raises ServiceError; the request id is `request.request_id`, assigned when empty."""
+        async for event in counted(self._generate(request, timeout_s), metrics.REQUESTS):
+            yield event
+
+    async def _generate(self, request: image_service_pb2.GenerateRequest, timeout_s: float | None):
+        deadline = time.monotonic() + (self.default_timeout_s if timeout_s is None else timeout_s)
         resolved = resolve(request, self.limits)
         async with self.admission.slot():
             arrival = time.monotonic()

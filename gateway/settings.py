@@ -32,6 +32,12 @@ class GatewaySettings(ServerSettings):
     )
     decoder_lookahead: int = option(1, "requests bound to a decoder beyond its denoising slots (ready to start)")
     stage_tls_ca_file: str = option("", "PEM CA bundle: talk TLS to the stages, verifying their certificates")
+    http_port: int = option(0, "OpenAI-compatible Images API over HTTP on this port (0 = off)")
+    served_model_name: str = option("glm-image", "the model name the HTTP API serves (`model`, /v1/models)")
+    http_max_images: int = option(4, "most images (`n`) one HTTP request may ask for")
+    http_api_key_file: str = option(
+        "", "file holding the key HTTP clients must send as 'Authorization: Bearer KEY' (empty: none needed)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -49,6 +55,23 @@ class GatewaySettings(ServerSettings):
             raise ValueError("--decoder-bind-lead-seconds must be >= 0 (inf: bind at once)")
         if self.decoder_lookahead < 0:
             raise ValueError("--decoder-lookahead must be >= 0")
+        if not 0 <= self.http_port <= 65535 or self.http_max_images < 1 or not self.served_model_name.strip():
+            raise ValueError("--http-port must be 0..65535, --http-max-images >= 1, --served-model-name not empty")
+        if self.http_api_key_file:
+            self.http_api_key()  # raises when unreadable or empty
+
+    def http_api_key(self) -> str:
+        """The key in --http-api-key-file ("" when none is set)."""
+        if not self.http_api_key_file:
+            return ""
+        try:
+            with open(self.http_api_key_file, encoding="utf-8") as file:
+                key = file.read().strip()
+        except OSError as error:
+            raise ValueError(f"--http-api-key-file: {error}") from None
+        if not key:
+            raise ValueError(f"--http-api-key-file: {self.http_api_key_file} is empty")
+        return key
 
     def planner_targets(self) -> list[str]:
         return [t.strip() for t in self.planner.split(",") if t.strip()]

@@ -51,6 +51,9 @@ class ServiceSpec:
     # raises while the engine cannot serve (e.g. vLLM's engine process died): readiness follows it
     check: Callable[[], Awaitable[None]] | None = None
     stage: str = ""  # planner, decoder or gateway: named in every error status's ErrorInfo
+    # the service's other listeners (the gateway's HTTP front): out of rotation, then their in-flight
+    # requests finish within the grace period, alongside the gRPC server's
+    drain: Callable[[float], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -120,7 +123,7 @@ class RunningServer:
             self._monitor.cancel()
         await self._set_ready(False)
         logger.info("draining for up to %.0f s", grace)
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.spec.drain(grace)] if self.spec.drain else []))
         await self.spec.stop()
         logger.info("stopped")
 
