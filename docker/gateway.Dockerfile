@@ -1,9 +1,10 @@
-# Gateway image: the public ImageService. No torch, no CUDA: grpcio, health, reflection, status
-# and prometheus-client only (requirements/gateway.txt).
+# Gateway image: the public ImageService, and the OpenAI-compatible Images API over HTTP with
+# --http-port. No torch, no CUDA: grpcio, health, reflection, status, prometheus-client, and FastAPI
+# on uvicorn (requirements/gateway.txt).
 #
 #   docker build -f docker/gateway.Dockerfile -t glm-image-serve/gateway:0.1.0 .
-#   docker run -p 50050:50050 -p 9090:9090 glm-image-serve/gateway:0.1.0 \
-#       --planner dns:///planner:50051 --decoder dns:///decoder:50052
+#   docker run -p 50050:50050 -p 8000:8000 -p 9090:9090 glm-image-serve/gateway:0.1.0 \
+#       --planner dns:///planner:50051 --decoder dns:///decoder:50052 --http-port 8000
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------
@@ -40,8 +41,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     GATEWAY_METRICS_PORT=9090
 USER 10001:10001
 WORKDIR /home/app
-# gRPC (health, reflection, ImageService) and Prometheus /metrics
-EXPOSE 50050 9090
+# gRPC (health, reflection, ImageService), the HTTP API when --http-port 8000, Prometheus /metrics
+EXPOSE 50050 8000 9090
 # grpc.health.v1 overall status. sh -c lets the address follow a GATEWAY_PORT override; any
 # failure maps to exit 1 (unhealthy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

@@ -108,10 +108,10 @@ class HttpFront:
     """The HTTP server: `start()` binds the port (raising when it cannot) and serves in a task;
     `drain(grace)` leaves readiness, stops accepting and lets in-flight requests finish."""
 
-    def __init__(self, servicer: ImageServicer, options: HttpOptions, check: Callable[[], Awaitable[None]]):
+    def __init__(self, servicer: ImageServicer, options: HttpOptions, ready: Callable[[], Awaitable[None]]):
         self.servicer = servicer
         self.options = options
-        self.check = check  # raises while no planner or decoder is SERVING
+        self.ready = ready  # raises while the gateway cannot serve (the gRPC readiness check)
         self.draining = False
         self.app = self._app()
         self.port = 0
@@ -133,6 +133,10 @@ class HttpFront:
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         self._task.add_done_callback(_log_exit)
         logger.info("HTTP (OpenAI Images API) on %s:%d", self.options.host, self.port)
+
+    def serving(self) -> bool:
+        """False once the HTTP server has stopped (it failed, or drained)."""
+        return self._task is not None and not self._task.done()
 
     async def drain(self, grace: float) -> None:
         self.draining = True
@@ -179,7 +183,7 @@ class HttpFront:
         async def readyz() -> dict:
             if self.draining:
                 raise Unavailable("the gateway is draining")
-            await self.check()
+            await self.ready()
             return {"status": "ready"}
 
         return app

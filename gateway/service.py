@@ -70,6 +70,8 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
         for stage, pool in pools.items():
             if not pool.serving():
                 raise Unavailable(f"no {stage} replica is SERVING")
+        if any(not front.serving() for front in fronts):
+            raise Unavailable("the HTTP server has stopped")
 
     async def drain(grace: float) -> None:
         for front in fronts:

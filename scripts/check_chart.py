@@ -152,6 +152,15 @@ def scenarios() -> Iterator[tuple[str, dict]]:
         },
     )
     yield (
+        "gateway http + api key + tls",
+        {
+            "gateway": {
+                "tls": {"enabled": True, "secretName": "glm-gateway-tls"},
+                "http": {"enabled": True, "apiKeySecret": {"name": "glm-api-key"}},
+            },
+        },
+    )
+    yield (
         "existing claim + download + token + digest",
         {
             "model": {
@@ -535,6 +544,7 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
     gateway_service = services.get("gateway")
     if not gateway_service or gateway_service["spec"].get("clusterIP") == "None":
         problems.append("gateway: needs a (non-headless) Service")
+    problems += check_gateway_http(main_container(deployments["gateway"]), gateway_service, merged["gateway"]["http"])
     if merged["planner"]["tls"]["enabled"]:
         gateway_args = [str(a) for a in main_container(deployments["gateway"])["args"]]
         if arg_value(gateway_args, "--stage-tls-ca-file") is None:
@@ -595,6 +605,29 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
             ports = [p["name"] for p in services[stage]["spec"]["ports"]]
             if "metrics" not in ports:
                 problems.append(f"{stage}: its Service needs a metrics port for the ServiceMonitor")
+    return problems
+
+
+def check_gateway_http(container: Manifest, service: Manifest | None, http: dict) -> list[str]:
+    """The HTTP API: --http-port on the container's `http` port and on the Service iff enabled; the API key
+    from its Secret's file iff one is named."""
+    args = [str(a) for a in container.get("args", [])]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service_ports = {p["name"]: p for p in (service or {}).get("spec", {}).get("ports", [])}
+    if not http["enabled"]:
+        if arg_value(args, "--http-port") is not None or "http" in ports or "http" in service_ports:
+            return ["gateway: HTTP API disabled but rendered (--http-port, an http port)"]
+        return []
+    problems = []
+    if arg_value(args, "--http-port") != str(ports.get("http")):
+        problems.append("gateway: --http-port and the container's http port differ")
+    if service_ports.get("http", {}).get("targetPort") != "http":
+        problems.append("gateway: its Service needs an http port targeting the container's")
+    key_file = arg_value(args, "--http-api-key-file")
+    if bool(http["apiKeySecret"]["name"]) != bool(key_file):
+        problems.append("gateway: --http-api-key-file iff http.apiKeySecret.name")
+    if key_file and not any(key_file.startswith(m["mountPath"] + "/") for m in container.get("volumeMounts", [])):
+        problems.append(f"gateway: --http-api-key-file {key_file} is not on a mounted volume")
     return problems
 
 

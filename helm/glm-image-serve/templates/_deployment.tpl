@@ -6,6 +6,15 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 
 {{- define "glm-image-serve.tlsDir" -}}/etc/glm-image-serve/tls{{- end }}
 {{- define "glm-image-serve.stageCADir" -}}/etc/glm-image-serve/stage-ca{{- end }}
+{{- define "glm-image-serve.httpKeyDir" -}}/etc/glm-image-serve/http-api-key{{- end }}
+
+{{/* Does this stage (the gateway) serve the OpenAI-compatible HTTP API, and with an API key? */}}
+{{- define "glm-image-serve.http" -}}
+{{- if eq .component "gateway" }}{{ if .root.Values.gateway.http.enabled }}true{{ end }}{{ end }}
+{{- end }}
+{{- define "glm-image-serve.httpKey" -}}
+{{- if include "glm-image-serve.http" . }}{{ if .root.Values.gateway.http.apiKeySecret.name }}true{{ end }}{{ end }}
+{{- end }}
 
 {{/* Does this stage load the model? */}}
 {{- define "glm-image-serve.usesModel" -}}
@@ -57,6 +66,13 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 - --decoder={{ join "," $decoderTargets }}
 {{- if include "glm-image-serve.stageTLS" $root }}
 - --stage-tls-ca-file={{ include "glm-image-serve.stageCADir" . }}/ca.crt
+{{- end }}
+{{- if include "glm-image-serve.http" . }}
+- --http-port={{ $stage.http.port }}
+- --served-model-name={{ $stage.http.servedModelName }}
+{{- end }}
+{{- if include "glm-image-serve.httpKey" . }}
+- --http-api-key-file={{ include "glm-image-serve.httpKeyDir" . }}/api-key
 {{- end }}
 {{- end }}
 {{- range $stage.extraArgs }}
@@ -302,6 +318,11 @@ spec:
             - name: metrics
               containerPort: {{ $stage.metrics.port }}
               protocol: TCP
+            {{- if include "glm-image-serve.http" $ctx }}
+            - name: http
+              containerPort: {{ $stage.http.port }}
+              protocol: TCP
+            {{- end }}
           {{- if $stage.probes.startup.enabled }}
           startupProbe:
             {{- include "glm-image-serve.probe" (dict "ctx" $ctx "probe" $stage.probes.startup "kind" "startup") | trim | nindent 12 }}
@@ -351,6 +372,11 @@ spec:
               mountPath: {{ include "glm-image-serve.stageCADir" $ctx }}
               readOnly: true
             {{- end }}
+            {{- if include "glm-image-serve.httpKey" $ctx }}
+            - name: http-api-key
+              mountPath: {{ include "glm-image-serve.httpKeyDir" $ctx }}
+              readOnly: true
+            {{- end }}
             {{- with $stage.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -383,6 +409,15 @@ spec:
             items:
               - key: {{ $stage.stageTLS.caKey }}
                 path: ca.crt
+        {{- end }}
+        {{- if include "glm-image-serve.httpKey" $ctx }}
+        - name: http-api-key
+          secret:
+            secretName: {{ $stage.http.apiKeySecret.name }}
+            defaultMode: 0440
+            items:
+              - key: {{ $stage.http.apiKeySecret.key }}
+                path: api-key
         {{- end }}
         {{- with $stage.extraVolumes }}
         {{- toYaml . | nindent 8 }}
