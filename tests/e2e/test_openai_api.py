@@ -156,6 +156,10 @@ def test_errors_before_the_stream_are_http_statuses(cluster):
     error = json.loads(reply.read())["error"]
     assert reply.status == 400 and error["param"] == "prompt" and error["type"] == "invalid_request_error"
     assert post(cluster, "/v1/images/generations", {"prompt": PROMPT}, key="sk-wrong").status == 401
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=10)
+    connection.request("POST", "/v1/images/edits", b"", {"Content-Length": str(2**31)})  # refused before the body
+    reply = connection.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize("stream", [False, True])
