@@ -13,6 +13,11 @@ tokens left at the rate seen so far take less than `options.bind_lead_s` (or the
 so it is bound to the decoder that is free soonest while its preparation still overlaps the end of
 the plan stream. Image chunks are released to the client when the decoder completes, so a replay
 never duplicates image bytes.
+
+Previews (best effort, never waited for): once the plan's preview grid is written (text-to-image),
+the decoder with the fewest requests renders it (RenderPreview; a decoder that is or becomes busy
+with a complete plan drops it); the decoder that makes the image is asked for the previews still missing, from its
+denoising steps. The client gets at most the number asked for, indexed in the order they came.
 """
 
 import asyncio
@@ -147,6 +152,8 @@ class Chain:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.plan_done_at: float | None = None
+        self.previews_sent = 0
+        self.plan_preview: asyncio.Task | None = None  # rendering the plan's preview grid (once per request)
 
     def _remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
@@ -231,6 +238,51 @@ class Chain:
             self.plan_changed.notify_all()
         if kind == "tokens":
             await self.events.put(_progress(common_pb2.STAGE_PLANNING, *self.plan_tokens))
+            if chunk.tokens.grid == planner_pb2.GRID_PREVIEW and self.request.previews and self.plan_preview is None:
+                grid = self._complete_preview_grid()
+                if grid is not None:
+                    self.plan_preview = asyncio.create_task(self._render_plan_preview(*grid))
+
+    def _complete_preview_grid(self) -> tuple[planner_pb2.PlanHeader, list[int]] | None:
+        header = self.plan[0].header
+        ids = [i for chunk in self.plan[1:] if chunk.HasField("tokens") and chunk.tokens.grid == planner_pb2.GRID_PREVIEW
+               for i in chunk.tokens.ids]  # fmt: skip
+        return (header, ids) if header.preview_rows and len(ids) == header.preview_rows * header.preview_cols else None
+
+    # ---------------------------------------------------------------- previews
+    async def _render_plan_preview(self, header: planner_pb2.PlanHeader, ids: list[int]) -> None:
+        replica = self.decoders.lease_best_effort()
+        if replica is None:
+            logger.debug("%s: plan preview skipped: no decoder free for it", self.request.request_id)
+            return
+        request = decoder_pb2.PreviewRequest(
+            request_id=self.request.request_id, prompt=self.request.prompt, seed=self.request.seed,
+            plan_format=header.plan_format, rows=header.preview_rows, cols=header.preview_cols, ids=ids,
+            guidance_scale=self.request.guidance_scale, output_format=self.request.output_format,
+            output_quality=self.request.output_quality,
+        )  # fmt: skip
+        try:
+            preview = await replica.stub.RenderPreview(request, timeout=self._remaining(), metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            logger.debug("%s: plan preview skipped by %s: %s", self.request.request_id, replica.host_port,
+                         error.code().name)  # fmt: skip
+            return
+        finally:
+            self.decoders.release_best_effort(replica)
+        await self._emit_preview(preview)
+
+    def _previews_left(self) -> int:
+        """Previews still wanted from the decoder: asked for, less sent and less a plan preview underway."""
+        underway = self.plan_preview is not None and not self.plan_preview.done()
+        return max(self.request.previews - self.previews_sent - underway, 0)
+
+    async def _emit_preview(self, preview: common_pb2.PreviewImage) -> None:
+        if self.previews_sent >= self.request.previews:
+            return  # a replayed decode's, or the decoder's beyond a plan preview that came late
+        event = image_service_pb2.GenerateEvent(preview=preview)
+        event.preview.index = self.previews_sent
+        self.previews_sent += 1
+        await self.events.put(event)
 
     async def _restart_plan(self) -> None:
         async with self.plan_changed:
@@ -262,7 +314,9 @@ class Chain:
             await self.plan_changed.wait_for(self._near_done)
 
     async def _feed(self, call: grpc.aio.StreamStreamCall, epoch: int, fed: list[float]) -> None:
-        await call.write(decoder_pb2.DecodeRequest(spec=self.request.decode_spec()))
+        spec = self.request.decode_spec()
+        spec.previews = self._previews_left()
+        await call.write(decoder_pb2.DecodeRequest(spec=spec))
         sent = 0
         while True:
             async with self.plan_changed:
@@ -305,6 +359,8 @@ class Chain:
                 if kind == "progress":
                     if event.progress.done:  # done == 0: a heartbeat while it waits for a slot
                         await self.events.put(image_service_pb2.GenerateEvent(progress=event.progress))
+                elif kind == "preview":
+                    await self._emit_preview(event.preview)
                 elif kind == "image_chunk":
                     image.append(event.image_chunk.data)
                 else:
@@ -364,6 +420,9 @@ class Chain:
         completed.request_id = self.request.request_id
         completed.planner_attempts = self.planners_used
         completed.decoder_attempts = self.decoders_used
+        completed.previews = self.previews_sent
+        metrics.PREVIEWS.labels("sent").inc(self.previews_sent)
+        metrics.PREVIEWS.labels("skipped").inc(self.request.previews - self.previews_sent)
         return completed
 
     async def run(self):
@@ -380,8 +439,9 @@ class Chain:
                     return
                 yield item
         finally:
-            for task in (planner, decoder):
+            tasks = [planner, decoder, *([self.plan_preview] if self.plan_preview else [])]
+            for task in tasks:
                 task.cancel()
             if self.decode_call is not None:
                 self.decode_call.cancel()
-            await asyncio.gather(planner, decoder, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,17 +1,18 @@
 """Command-line client.
 
-python -m gateway.cli generate "a poster that says 'HELLO'" --size 512x512 --seed 7 --out image.png
+python -m gateway.cli generate "a poster that says 'HELLO'" --size 512x512 --seed 7 --out image.png --previews 2
 python -m gateway.cli info
 """
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from tqdm import tqdm
 
-from gateway.client import FORMATS, ImageClient, error_details
+from gateway.client import FORMATS, ImageClient, Preview, error_details
 from glmimage.v1 import common_pb2
 
 STAGE_NAMES = {common_pb2.STAGE_PLANNING: "planning", common_pb2.STAGE_DECODING: "denoising"}
@@ -36,6 +37,10 @@ class ProgressBars:
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 
+    def write(self, line: str) -> None:
+        """A line above the bars (tqdm keeps them intact)."""
+        tqdm.write(line, file=self.stream)
+
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -50,6 +55,26 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def preview_path(out: str, preview: Preview) -> Path:
+    """image.png -> image.preview-0.png (the extension of the preview's own format)."""
+    path = Path(out)
+    return path.with_name(f"{path.stem}.preview-{preview.index}.{FORMAT_EXTENSIONS[preview.format]}")
+
+
+class PreviewWriter:
+    """Writes each preview next to the output as it arrives and says when it came."""
+
+    def __init__(self, out: str, bars: ProgressBars):
+        self.out = out
+        self.bars = bars
+
+    def __call__(self, preview: Preview) -> None:
+        path = preview_path(self.out, preview)
+        path.write_bytes(preview.data)
+        kind = "plan preview" if preview.stage == common_pb2.STAGE_PLANNING else "denoising preview"
+        self.bars.write(f"{path}: {kind}, {preview.width}x{preview.height}, at {preview.seconds:.2f} s")
+
+
 def generate(args) -> int:
     width, height = args.size
     condition_images = [open(path, "rb").read() for path in args.image]
@@ -60,7 +85,8 @@ def generate(args) -> int:
             result = client.generate(
                 args.prompt, width, height, seed=args.seed, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, temperature=args.temperature, condition_images=condition_images,
-                output_format=args.format, timeout=args.timeout, on_progress=bars,
+                output_format=args.format, output_quality=args.quality, previews=args.previews,
+                timeout=args.timeout, on_progress=bars, on_preview=PreviewWriter(args.out, bars),
             )  # fmt: skip
         except grpc.RpcError as error:
             bars.finish()
@@ -80,10 +106,14 @@ def generate(args) -> int:
         f"denoise {t.denoising_seconds:.2f} s, VAE {t.vae_decode_seconds:.2f} s, "
         f"total {t.total_seconds:.2f} s (client {time.perf_counter() - started:.2f} s)"
     )
+    if args.previews:
+        skipped = " (the others were skipped: no decoder had room for them)" if done.previews < args.previews else ""
+        print(f"previews: {done.previews} of {args.previews}{skipped}")
     return 0
 
 
 FORMAT_NAMES = {value: name.upper() for name, value in FORMATS.items()}
+FORMAT_EXTENSIONS = {value: "jpg" if name == "jpeg" else name for name, value in FORMATS.items()}
 
 
 def info(args) -> int:
@@ -105,6 +135,13 @@ def main() -> None:
     gen.add_argument("--temperature", type=float, help="plan sampling temperature (0 = greedy)")
     gen.add_argument("--image", action="append", default=[], help="condition image file (repeatable)")
     gen.add_argument("--format", choices=sorted(FORMATS), default="png")
+    gen.add_argument("--quality", type=int, help="JPEG/WebP quality, 1-100 (default 95)")
+    gen.add_argument(
+        "--previews",
+        type=int,
+        default=0,
+        help="preview images to write next to --out as they arrive (OUT.preview-N.EXT)",
+    )
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
     gen.add_argument("--out", default="image.png")
     gen.set_defaults(run=generate)

@@ -2,14 +2,17 @@
 
 from gateway.client import ImageClient
 with ImageClient("127.0.0.1:50050") as client:
-    result = client.generate("a poster that says 'HELLO'", width=512, height=512, seed=7,
+    result = client.generate("a poster that says 'HELLO'", width=512, height=512, seed=7, previews=2,
                              on_progress=lambda stage, done, total: ...)
 open("image.png", "wb").write(result.image)
+for preview in result.previews:  # small images that came while it was made (best effort)
+    print(preview.index, preview.width, preview.height, f"{preview.seconds:.1f} s")
 """
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.rpc import error_details_pb2
@@ -61,11 +64,23 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(reason, stage, tuple(fields), retry_after)
 
 
+@dataclass(frozen=True)
+class Preview:
+    index: int
+    stage: int  # common_pb2.STAGE_PLANNING (the plan's preview grid) or STAGE_DECODING (a denoising estimate)
+    width: int
+    height: int
+    format: int  # common_pb2.ImageFormat
+    data: bytes  # the encoded image
+    seconds: float  # when it arrived, from the start of the call
+
+
 @dataclass
 class GeneratedImage:
     image: bytes  # the encoded image
     accepted: image_service_pb2.Accepted
     completed: common_pb2.Completed
+    previews: list[Preview] = field(default_factory=list)
 
 
 class ImageClient:
@@ -88,12 +103,16 @@ class ImageClient:
         top_k: int | None = None,
         condition_images: Sequence[bytes] = (),
         output_format: str = "png",
+        output_quality: int | None = None,
+        previews: int = 0,
         request_id: str = "",
         timeout: float | None = None,
         on_progress: Callable[[int, int, int], None] | None = None,
+        on_preview: Callable[[Preview], None] | None = None,
     ) -> GeneratedImage:
         """Blocks until the image is complete; `on_progress(stage, done, total)` is called for each
-        progress event (stage is common_pb2.STAGE_PLANNING or STAGE_DECODING). Raises grpc.RpcError."""
+        progress event (stage is common_pb2.STAGE_PLANNING or STAGE_DECODING), `on_preview` for each
+        of the (at most `previews`) previews as it arrives. Raises grpc.RpcError."""
         request = image_service_pb2.GenerateRequest(
             request_id=request_id,
             prompt=prompt,
@@ -105,8 +124,11 @@ class ImageClient:
             sampling=common_pb2.PlanSampling(temperature=temperature, top_p=top_p, top_k=top_k),
             condition_images=[common_pb2.InputImage(data=data) for data in condition_images],
             output_format=FORMATS[output_format],
+            output_quality=output_quality,
+            previews=previews,
         )
-        accepted, chunks, completed = None, [], None
+        accepted, chunks, completed, received = None, [], None, []
+        started = time.perf_counter()
         for event in self.stub.Generate(request, timeout=timeout):
             kind = event.WhichOneof("event")
             if kind == "accepted":
@@ -114,6 +136,12 @@ class ImageClient:
             elif kind == "progress":
                 if on_progress:
                     on_progress(event.progress.stage, event.progress.done, event.progress.total)
+            elif kind == "preview":
+                p = event.preview
+                preview = Preview(p.index, p.stage, p.width, p.height, p.format, p.data, time.perf_counter() - started)
+                received.append(preview)
+                if on_preview:
+                    on_preview(preview)
             elif kind == "image_chunk":
                 chunks.append(event.image_chunk.data)
             else:
@@ -123,7 +151,7 @@ class ImageClient:
         image = b"".join(chunks)
         if hashlib.sha256(image).hexdigest() != completed.sha256:
             raise RuntimeError("the image's sha256 does not match the server's")
-        return GeneratedImage(image=image, accepted=accepted, completed=completed)
+        return GeneratedImage(image=image, accepted=accepted, completed=completed, previews=received)
 
     def server_info(self, timeout: float = 10) -> common_pb2.ServerInfo:
         return self.stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=timeout)

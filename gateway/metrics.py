@@ -9,6 +9,11 @@ END_TO_END_SECONDS = Histogram("glmimage_gateway_end_to_end_seconds", "Accepted 
 FIRST_PLAN_TOKEN_SECONDS = Histogram(
     "glmimage_gateway_first_plan_token_seconds", "Accepted to the first plan token", buckets=LATENCY_BUCKETS
 )
+PREVIEWS = Counter(
+    "glmimage_gateway_previews",
+    "Preview images asked for, by outcome (sent; skipped: no decoder had room)",
+    ["outcome"],
+)
 # Per-stage demand as this gateway sees it (what the stages' own gauges cannot see): scale on these.
 STAGE_WAITING = Gauge(
     "glmimage_gateway_stage_waiting", "Admitted requests waiting for a replica of the stage with room", ["stage"]

@@ -66,6 +66,7 @@ class Replica:
         self.full = False  # answered RESOURCE_EXHAUSTED: no more requests until the next poll
         self.retired = False  # gone from the name: no new requests, closed once idle
         self.outstanding = 0  # requests this gateway has on it
+        self.best_effort = 0  # previews this gateway has on it (they take no room: the replica drops them)
         self.leased_at = 0.0  # ties go to the least recently used replica
         self.info: common_pb2.ServerInfo | None = None
 
@@ -151,7 +152,7 @@ class ReplicaPool:
             await self._close_if_idle(replica)
 
     async def _close_if_idle(self, replica: Replica) -> None:
-        if replica.retired and replica.outstanding == 0 and replica in self._retired:
+        if replica.retired and replica.outstanding == replica.best_effort == 0 and replica in self._retired:
             self._retired.discard(replica)
             await replica.channel.close()
 
@@ -246,9 +247,26 @@ class ReplicaPool:
 
     def release(self, replica: Replica) -> None:
         replica.outstanding -= 1
-        if replica.retired and replica.outstanding == 0:
+        if replica.retired:
             asyncio.ensure_future(self._close_if_idle(replica))
         self._dispatch()
+
+    def lease_best_effort(self) -> Replica | None:
+        """For best-effort work that never waits (a preview): the SERVING replica with the fewest
+        requests of this gateway's on it and no best-effort work of its own yet, or None. The replica
+        itself refuses it at once when it is busy. Release with `release_best_effort()`."""
+        candidates = [r for r in self.replicas.values() if r.best_effort == 0 and r.serving and not r.retired]
+        if not candidates:
+            return None
+        replica = min(candidates, key=lambda r: (r.outstanding, r.leased_at))
+        replica.best_effort += 1
+        replica.leased_at = time.monotonic()
+        return replica
+
+    def release_best_effort(self, replica: Replica) -> None:
+        replica.best_effort -= 1
+        if replica.retired:
+            asyncio.ensure_future(self._close_if_idle(replica))
 
     async def close(self) -> None:
         if self._poller:

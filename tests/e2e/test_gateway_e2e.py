@@ -8,13 +8,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from images import CONDITION_CASES, model_input, png_of_size
+from images import CONDITION_CASES, model_input, png, png_of_size
 from PIL import Image
 from servers import SERVING, health_status
 from stages import pixels, restart
 
 from gateway.client import ImageClient, error_details
-from glmimage.v1 import common_pb2
+from glmimage.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, planner_pb2, planner_pb2_grpc
 from testkit import reference
 from testkit.cluster import Cluster
 
@@ -25,9 +25,10 @@ PROMPT = "a poster that says 'HELLO'"
 
 @pytest.fixture(scope="module")
 def cluster(model_dir):
-    # two replicas of each stage, so that failover has somewhere to go
+    # two replicas of each stage, so that failover has somewhere to go; quick plan previews (2 steps)
     with Cluster(str(model_dir), engine="transformers", planners=2, decoders=2,
-                 gateway_args=["--health-interval-seconds", "0.5"]) as running:  # fmt: skip
+                 gateway_args=["--health-interval-seconds", "0.5"],
+                 stage_args={"decoder": ["--preview-steps", "2"]}) as running:  # fmt: skip
         yield running
 
 
@@ -93,6 +94,90 @@ def test_progress_is_reported_for_both_stages(client):
     assert planning[-1][1:] == (320, 320) and [d for _, d, _ in planning] == sorted(d for _, d, _ in planning)
     assert [(d, t) for _, d, t in decoding] == [(i, 4) for i in range(1, 5)]
     assert result.accepted.num_inference_steps == 4
+
+
+def test_previews_come_while_the_image_is_made_and_leave_it_unchanged(client, pipe):
+    """previews=2 at 512x512: the plan preview (the 16x16 preview grid rendered) comes before the
+    planner's last token, a denoising estimate before the image; the image is the monolithic one."""
+    events = []
+    result = client.generate(
+        PROMPT, 512, 512, seed=3, num_inference_steps=4, temperature=0.0, previews=2,
+        on_progress=lambda stage, done, total: events.append(("progress", stage, done, total)),
+        on_preview=lambda preview: events.append(("preview", preview.stage, preview.index)),
+    )  # fmt: skip
+    last_plan_token = events.index(("progress", common_pb2.STAGE_PLANNING, 512, 512))
+    first_denoising_step = events.index(("progress", common_pb2.STAGE_DECODING, 1, 4))
+    plan_preview = events.index(("preview", common_pb2.STAGE_PLANNING, 0))
+    denoising_preview = events.index(("preview", common_pb2.STAGE_DECODING, 1))
+    assert plan_preview < last_plan_token and first_denoising_step < denoising_preview
+    assert [e for e in events if e[0] == "preview"] == [events[plan_preview], events[denoising_preview]]
+    sizes = [(p.width, p.height) for p in result.previews]
+    assert sizes == [(512, 512), (512, 512)] == [Image.open(io.BytesIO(p.data)).size for p in result.previews]
+    assert result.completed.previews == 2 and len({p.data for p in result.previews} | {result.image}) == 3
+
+    greedy = reference.greedy_plan(pipe, PROMPT, 512, 512)
+    expected = reference.render(pipe, PROMPT, 512, 512, seed=3, steps=4, target_ids=greedy[256:512])
+    assert np.array_equal(pixels(result.image), np.asarray(expected))
+
+
+def test_no_previews_unless_asked_and_image_to_image_previews_come_from_denoising(client):
+    plain = client.generate(PROMPT, 256, 256, seed=4, num_inference_steps=3)
+    assert plain.previews == [] and plain.completed.previews == 0
+    edited = client.generate(PROMPT, 256, 256, seed=4, num_inference_steps=3, condition_images=[png(300, 200)], previews=2,
+                             output_format="jpeg", output_quality=80)  # fmt: skip
+    assert [(p.index, p.stage, p.format) for p in edited.previews] == [
+        (i, common_pb2.STAGE_DECODING, common_pb2.IMAGE_FORMAT_JPEG) for i in (0, 1)
+    ]
+    assert edited.completed.previews == 2
+
+
+def open_decode(address: str, plan: list, steps: int):
+    """A Decode call straight to one decoder pod with a complete plan: it holds the pod for `steps` steps."""
+    channel = grpc.insecure_channel(address)
+    side = plan[0].header.width
+    spec = decoder_pb2.DecodeSpec(prompt=PROMPT, width=side, height=side, seed=1, num_inference_steps=steps)
+    requests = [decoder_pb2.DecodeRequest(spec=spec), *(decoder_pb2.DecodeRequest(plan_chunk=c) for c in plan)]
+    return decoder_pb2_grpc.DecoderServiceStub(channel).Decode(iter(requests), timeout=120), channel
+
+
+def test_previews_are_skipped_not_queued_when_every_decoder_is_busy(client, cluster):
+    """Both decoders denoise (calls straight to the pods), and the request's decoder has a complete
+    plan waiting behind it: its plan preview is refused at once, its denoising previews are skipped,
+    it finishes as it would without previews, and Completed says none came."""
+    planner = stages(cluster, "planner")[0]
+    plan = list(planner_pb2_grpc.PlannerServiceStub(grpc.insecure_channel(planner.address)).Plan(
+        planner_pb2.PlanRequest(prompt=PROMPT, width=1024, height=1024, seed=1), timeout=120))  # fmt: skip
+    decoders = [s.address for s in stages(cluster, "decoder") if s.alive()]
+    holds = [open_decode(address, plan, steps=100) for address in decoders]
+    for call, _ in holds:
+        assert next(call).progress.done == 1  # denoising
+    skipped_before = cluster.gateway.metric("glmimage_gateway_previews_total", outcome="skipped")
+    planned = threading.Event()
+    outcome = {}
+
+    def generate():
+        outcome["result"] = client.generate(
+            PROMPT, 256, 256, seed=9, num_inference_steps=4, previews=2, timeout=120,
+            on_progress=lambda stage, done, total: stage == common_pb2.STAGE_PLANNING and done == total and planned.set(),
+        )  # fmt: skip
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    assert planned.wait(60)
+    time.sleep(2.0)  # its decoder has the plan and waits for the slot
+    waiting = [open_decode(address, plan, steps=100) for address in decoders]  # complete plans, behind it
+    time.sleep(1.0)
+    for call, _ in holds:
+        call.cancel()
+    worker.join(60)
+    for call, channel in [*waiting, *holds]:
+        call.cancel()
+        channel.close()
+    result = outcome["result"]
+    assert result.previews == [] and result.completed.previews == 0
+    assert cluster.gateway.metric("glmimage_gateway_previews_total", outcome="skipped") - skipped_before == 2
+    plain = client.generate(PROMPT, 256, 256, seed=9, num_inference_steps=4)
+    assert plain.image == result.image
 
 
 def test_server_info_reports_both_stages(client):
