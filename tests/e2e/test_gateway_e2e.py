@@ -2,6 +2,8 @@
 
 import io
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -129,6 +131,22 @@ def test_no_previews_unless_asked_and_image_to_image_previews_come_from_denoisin
         (i, common_pb2.STAGE_DECODING, common_pb2.IMAGE_FORMAT_JPEG) for i in (0, 1)
     ]
     assert edited.completed.previews == 2
+
+
+def test_the_cli_writes_previews_next_to_the_image_as_they_arrive(cluster, tmp_path):
+    out = tmp_path / "poster.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--address", cluster.gateway.address, "generate", PROMPT,
+         "--size", "512x512", "--seed", "5", "--steps", "3", "--previews", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "previews: 2 of 2" in done.stdout
+    for index, kind in enumerate(("plan preview", "denoising preview")):
+        path = tmp_path / f"poster.preview-{index}.png"
+        assert f"{path}: {kind}, 512x512, at " in done.stderr
+        assert Image.open(path).size == (512, 512)
+    assert Image.open(out).size == (512, 512)
 
 
 def open_decode(address: str, plan: list, steps: int):
