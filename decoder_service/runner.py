@@ -125,12 +125,14 @@ class DecodeRunner:
     async def render_preview(
         self, job: DecodeJob, ids: tuple[int, ...], time_remaining: float | None = None
     ) -> Preview:
-        """A plan's preview grid rendered (`job` sized to the grid, with the preview steps), only while
-        no complete plan needs the device: Busy at once when one does, Preempted when one arrives."""
-        if self._previewing or self.ready_plans:
+        """A plan's preview grid rendered (`job` sized to the grid, with the preview steps) on an idle
+        decoder: Busy at once while it has a Decode call (the gateway sends one only when its plan is
+        nearly done) or another preview; Preempted when a call's plan completes meanwhile."""
+        calls = self.admission.in_flight + self.admission.queued
+        if self._previewing or calls:
             metrics.PREVIEWS.labels(metrics.STAGE, "plan", "skipped").inc()
-            what = "another preview" if self._previewing else f"{self.ready_plans} full image(s)"
-            raise Busy(f"preview skipped: this decoder is busy with {what}; previews never wait")
+            what = "another preview" if self._previewing else f"{calls} decode call(s)"
+            raise Busy(f"preview skipped: this decoder has {what}; previews never wait")
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         stop = threading.Event()
 

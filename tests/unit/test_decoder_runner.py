@@ -546,14 +546,14 @@ def test_a_plan_preview_renders_on_an_idle_decoder():
     assert engine.calls[1:] == ["prepare:p", "begin:4", *["step:p"] * 4, "finish:p", "release:p"]
 
 
-def test_a_plan_preview_is_refused_while_a_complete_plan_needs_the_decoder():
+def test_a_plan_preview_is_refused_while_the_decoder_has_a_call():
     engine = ScriptedEngine(step_seconds=0.02)
 
     async def main():
         runner = await started_runner(engine)
         decode = asyncio.create_task(collect(runner, job(steps=10), whole_plan()))
         await until(lambda: engine.steps_run >= 1)
-        with pytest.raises(Busy, match="busy with 1 full image"):
+        with pytest.raises(Busy, match="has 1 decode call"):
             await runner.render_preview(preview_job(), (1, 2, 3, 4))
         await decode
 
