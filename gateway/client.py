@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -43,12 +44,15 @@ class ErrorDetails:
 
 def error_details(error: grpc.RpcError) -> ErrorDetails:
     status = rpc_status.from_call(error)
-    if status is None:
-        return ErrorDetails()
+    return ErrorDetails() if status is None else read_details(status.details)
+
+
+def read_details(details: Sequence[any_pb2.Any]) -> ErrorDetails:
+    """What packed google.rpc details say."""
     reason = stage = ""
     fields: list[tuple[str, str]] = []
     retry_after = None
-    for detail in status.details:
+    for detail in details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)

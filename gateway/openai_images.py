@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.client import read_details
 from glmimage.v1 import common_pb2, image_service_pb2
 from servekit.errors import InvalidRequest, ServiceError, UpstreamError
 from servekit.validation import Limits
@@ -250,25 +249,6 @@ def openai_param(field: str) -> str | None:
     return PARAMS.get(field, field) or None
 
 
-def _upstream_details(details: list[any_pb2.Any]) -> tuple[str, str, float | None]:
-    """(reason, field, retry after) from a stage's google.rpc details."""
-    reason, field, retry_after = "", "", None
-    for detail in details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            field = bad.field_violations[0].field if bad.field_violations else ""
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
-    return reason, field, retry_after
-
-
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -278,7 +258,9 @@ def http_error(error: ServiceError) -> HttpError:
     """A ServiceError (the gateway's own, or a stage's passed on) as OpenAI's error and HTTP status;
     Retry-After where waiting helps."""
     if isinstance(error, UpstreamError):
-        reason, field, retry_after = _upstream_details(error.details)
+        details = read_details(error.details)
+        reason, retry_after = details.reason, details.retry_after_s
+        field = details.fields[0][0] if details.fields else ""
     else:
         reason, field, retry_after = error.reason, getattr(error, "field", ""), error.retry_after_s
     status = HTTP_STATUS.get(error.code, 500)
