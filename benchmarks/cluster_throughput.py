@@ -4,9 +4,13 @@ Closed loop at concurrency C (or open loop at --rate requests/s), then prints im
 percentiles, errors by status code, each stage's busy fraction (time with a request being served:
 a plan generating, a decode denoising), and the bound measured in the same run:
 min(planner-only plans/s at concurrency C, D x decoder-only images/s fed stored plans).
+With --previews N, what previews cost: the same load without and with every request asking for N,
+alternated --repeats times (this machine's noise is larger than the effect), and one request at a
+time with and without them (--latency-requests each).
 
     .venv/bin/python benchmarks/cluster_throughput.py --planners 1 --decoders 2 --concurrency 16 \
-        [--requests 64] [--rate 0] [--size 256x256] [--steps 8] [--engine vllm] [--gateway-args "..."] [--json]
+        [--requests 64] [--rate 0] [--size 256x256] [--steps 8] [--engine vllm] [--gateway-args "..."] \
+        [--previews 0] [--repeats 3] [--latency-requests 8] [--json]
 """
 
 import argparse
@@ -88,24 +92,32 @@ def decoder_only(cluster: Cluster, args, plans: list[list], width: int, height: 
         return count / run_pool(count, 2, decode)
 
 
-def through_gateway(cluster: Cluster, args, width: int, height: int) -> dict:
+def through_gateway(cluster: Cluster, args, width: int, height: int, previews: int = 0, requests: int = 0,
+                    concurrency: int = 0) -> dict:  # fmt: skip
+    """The measured load (`requests`, `concurrency`: those of args unless given), each request asking
+    for `previews` previews."""
     latencies, errors = [], collections.Counter()
+    delivered = 0
     lock = threading.Lock()
     pods = [(p, kind) for kind in ("planner", "decoder") for p in cluster.pods(kind)]
+    requests, concurrency = requests or args.requests, concurrency or args.concurrency
     with ImageClient(cluster.gateway.address) as client:
 
         def one(i: int) -> None:
+            nonlocal delivered
             started = time.perf_counter()
             try:
-                client.generate(PROMPT, width, height, seed=1000 + i, num_inference_steps=args.steps, timeout=600)
+                result = client.generate(PROMPT, width, height, seed=1000 + i, num_inference_steps=args.steps,
+                                         previews=previews, timeout=600)  # fmt: skip
                 with lock:
                     latencies.append(time.perf_counter() - started)
+                    delivered += result.completed.previews
             except grpc.RpcError as error:
                 with lock:
                     errors[error.code().name] += 1
 
         busy_before = {p.name: p.metric("glmimage_busy_seconds_total", stage=kind) for p, kind in pods}
-        wall = run_pool(args.requests, args.concurrency, one, args.rate)
+        wall = run_pool(requests, concurrency, one, args.rate if concurrency == args.concurrency else 0.0)
         busy = {p.name: (p.metric("glmimage_busy_seconds_total", stage=kind) - busy_before[p.name]) / wall
                 for p, kind in pods}  # fmt: skip
     return {
@@ -117,6 +129,8 @@ def through_gateway(cluster: Cluster, args, width: int, height: int) -> dict:
         "errors": dict(errors),
         "busy_fraction": busy,
         "wall_s": wall,
+        "previews_asked": previews * requests,
+        "previews_delivered": delivered,
     }
 
 
@@ -136,6 +150,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="CPU threads per stage process (0: the libraries' default, every core); "
         "1 keeps the stages from fighting over a small machine's cores, as separate GPUs would not",
     )  # fmt: skip
+    parser.add_argument("--previews", type=int, default=0, help="also measure with every request asking for N previews")
+    parser.add_argument("--repeats", type=int, default=3, help="without/with pairs, with --previews")
+    parser.add_argument("--latency-requests", type=int, default=8, help="one-at-a-time requests, with --previews")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for gateway.capacity)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -151,6 +168,12 @@ def main() -> None:
         plans_per_s, plans = planner_only(cluster, args, width, height)
         images_per_s = decoder_only(cluster, args, plans, width, height)
         measured = through_gateway(cluster, args, width, height)
+        if args.previews:
+            pairs = [(through_gateway(cluster, args, width, height),
+                      through_gateway(cluster, args, width, height, previews=args.previews))
+                     for _ in range(args.repeats)]  # fmt: skip
+            alone = {n: through_gateway(cluster, args, width, height, previews=n, requests=args.latency_requests,
+                                        concurrency=1) for n in (0, args.previews)}  # fmt: skip
 
     bound = min(plans_per_s, args.decoders * images_per_s)
     result = {
@@ -160,6 +183,9 @@ def main() -> None:
         "decoder_only_images_per_s": images_per_s, "bound_images_per_s": bound,
         "fraction_of_bound": measured["images_per_s"] / bound, **measured,
     }  # fmt: skip
+    if args.previews:
+        result["previews_pairs"] = [{"without": without, "with": with_} for without, with_ in pairs]
+        result["one_at_a_time"] = {f"previews_{n}": run for n, run in alone.items()}
     if args.json:
         print(json.dumps(result))
         return
@@ -172,6 +198,19 @@ def main() -> None:
     print(f"latency p50 {measured['p50_s']:.2f} s, p95 {measured['p95_s']:.2f} s, p99 {measured['p99_s']:.2f} s")
     print(f"errors: {measured['errors'] or 'none'}")
     print("busy: " + ", ".join(f"{name} {share:.0%}" for name, share in measured["busy_fraction"].items()))
+    if args.previews:
+        ratios = []
+        for without, with_ in pairs:
+            ratios.append(with_["images_per_s"] / without["images_per_s"])
+            print(f"without previews {without['images_per_s']:.2f} images/s (p95 {without['p95_s']:.2f} s), with "
+                  f"{args.previews} asked per request {with_['images_per_s']:.2f} images/s (p95 {with_['p95_s']:.2f} s, "
+                  f"delivered {with_['previews_delivered']} of {with_['previews_asked']}, errors: "
+                  f"{with_['errors'] or 'none'}): {ratios[-1]:.2f} x")  # fmt: skip
+        print(f"throughput with previews / without, median of {len(ratios)}: {statistics.median(ratios):.2f} x")
+        plain, previewed = alone[0], alone[args.previews]
+        print(f"one request at a time ({args.latency_requests} each): mean {plain['mean_s']:.3f} s without previews, "
+              f"{previewed['mean_s']:.3f} s with {args.previews} (delivered {previewed['previews_delivered']} of "
+              f"{previewed['previews_asked']})")  # fmt: skip
 
 
 if __name__ == "__main__":

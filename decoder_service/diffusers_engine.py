@@ -311,17 +311,14 @@ class DiffusersEngine(DecoderEngine):
     @torch.no_grad()
     def preview(self, request: _Request, max_side: int) -> Image.Image:
         """The flow-matching estimate of the clean latents after the last step (x0 = x_t - sigma_t * v),
-        average-pooled by the power of two (at most 4, latent sides are multiples of 4) that brings
-        the longer side to `max_side` or less, then VAE-decoded: a fraction of the final decode's cost."""
+        average-pooled by 2, or by 4 when that brings the longer side to `max_side` or less (latent
+        sides are multiples of 4), then VAE-decoded: a quarter or a sixteenth of the final decode."""
         latents, velocity = request.last_step
         scheduler = request.scheduler
         sigma = float(scheduler.sigmas[scheduler.step_index - 1])
         estimate = latents.float() - sigma * velocity.float()
-        factor = 1
-        while factor < 4 and max(request.job.width, request.job.height) // factor > max_side:
-            factor *= 2
-        if factor > 1:
-            estimate = torch.nn.functional.avg_pool2d(estimate, factor)
+        factor = 4 if max(request.job.width, request.job.height) // 2 > max_side else 2
+        estimate = torch.nn.functional.avg_pool2d(estimate, factor)
         vae = self.pipe.vae
         estimate = estimate.to(vae.dtype)
         mean, std = self._latents_stats(estimate.dtype)

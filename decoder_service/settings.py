@@ -42,7 +42,7 @@ class DecoderSettings(ServerSettings):
     warm_up: bool = option(True, "run one minimal decode before reporting SERVING")
     preview_steps: int = option(8, "denoising steps of a plan preview (the plan's preview grid, rendered small)")
     preview_max_side: int = option(
-        512, "denoising previews are the image scaled down by 2 or 4 until about this many pixels a side"
+        512, "denoising previews are the image at half its side, or a quarter when half is above this (pixels)"
     )
 
     def validate(self) -> None:

@@ -114,7 +114,7 @@ def test_previews_come_while_the_image_is_made_and_leave_it_unchanged(client, pi
     assert plan_preview < last_plan_token and first_denoising_step < denoising_preview
     assert [e for e in events if e[0] == "preview"] == [events[plan_preview], events[denoising_preview]]
     sizes = [(p.width, p.height) for p in result.previews]
-    assert sizes == [(512, 512), (512, 512)] == [Image.open(io.BytesIO(p.data)).size for p in result.previews]
+    assert sizes == [(512, 512), (256, 256)] == [Image.open(io.BytesIO(p.data)).size for p in result.previews]
     assert result.completed.previews == 2 and len({p.data for p in result.previews} | {result.image}) == 3
 
     greedy = reference.greedy_plan(pipe, PROMPT, 512, 512)
@@ -142,10 +142,10 @@ def test_the_cli_writes_previews_next_to_the_image_as_they_arrive(cluster, tmp_p
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "previews: 2 of 2" in done.stdout
-    for index, kind in enumerate(("plan preview", "denoising preview")):
+    for index, (kind, side) in enumerate((("plan preview", 512), ("denoising preview", 256))):
         path = tmp_path / f"poster.preview-{index}.png"
-        assert f"{path}: {kind}, 512x512, at " in done.stderr
-        assert Image.open(path).size == (512, 512)
+        assert f"{path}: {kind}, {side}x{side}, at " in done.stderr
+        assert Image.open(path).size == (side, side)
     assert Image.open(out).size == (512, 512)
 
 
