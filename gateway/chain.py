@@ -15,9 +15,10 @@ the plan stream. Image chunks are released to the client when the decoder comple
 never duplicates image bytes.
 
 Previews (best effort, never waited for): once the plan's preview grid is written (text-to-image),
-the decoder with the fewest requests renders it (RenderPreview; a decoder that is or becomes busy
-with a complete plan drops it); the decoder that makes the image is asked for the previews still missing, from its
-denoising steps. The client gets at most the number asked for, indexed in the order they came.
+the decoder with the fewest of this gateway's requests is asked to render it (RenderPreview: a
+decoder with any Decode call refuses at once, one whose call's plan completes meanwhile stops); the
+decoder that makes the image is asked for the previews still missing, from its denoising steps. The
+client gets at most the number asked for, indexed in the order they came.
 """
 
 import asyncio
