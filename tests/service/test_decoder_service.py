@@ -401,7 +401,7 @@ def _bad_cases(info):
         "empty prompt": ([spec(prompt=" "), *ok_plan], "prompt must not be empty"),
         "prompt of control characters": ([spec(prompt="\x00"), *ok_plan], "prompt must not be empty: it needs"),
         "request id with a newline": ([spec(request_id="a\nb"), *ok_plan], "request_id may hold only printable ASCII"),
-        "unknown output format": ([spec(output_format=9), *ok_plan], "output_format 9"),
+        "unknown output format": ([spec(output_format=9), *ok_plan], "output_format must be PNG, JPEG or WebP, got 9"),
         "undecodable image": (
             [spec(images=[b"\x89PNG not really"]), header(info, conditions=[(6, 10, [0] * 60)]), tokens(0, IDS)],
             r"condition_images\[0\] is not a decodable PNG, JPEG or WebP image",
