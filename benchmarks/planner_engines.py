@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from planner_service.engine import PlanEngine, PlanJob, Sampling  # noqa: E402
+from servekit.validation import Limits  # noqa: E402
 
 PROMPT = "a poster that says 'HELLO', in warm colours"
 ENGINES = ("transformers", "vllm")
@@ -69,7 +70,7 @@ def make(name: str, model_dir: str, vllm_args: list[str]) -> PlanEngine:
     if name == "vllm":
         from planner_service.vllm_engine import VllmEngine
 
-        return VllmEngine(model_dir, vllm_args)
+        return VllmEngine(model_dir, vllm_args, Limits())
     from planner_service.transformers_engine import TransformersEngine
 
     return TransformersEngine(model_dir)

@@ -22,7 +22,7 @@ def make_engine(settings: PlannerSettings, engine_args: list[str]) -> PlanEngine
         return TransformersEngine(settings.model, settings.device)
     from planner_service.vllm_engine import VllmEngine
 
-    return VllmEngine(settings.model, engine_args)
+    return VllmEngine(settings.model, engine_args, settings.limits())
 
 
 def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:

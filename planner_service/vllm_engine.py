@@ -10,7 +10,11 @@ vLLM's own engine flags pass through under vLLM's names (--tensor-parallel-size,
 vLLM's, each only when its flag is absent:
 - --dtype: the checkpoint's own dtype ("auto" means that too), so that plans match transformers';
 - --skip-tokenizer-init: on; prompts arrive as token ids and plans leave as token ids;
-- on CPU only: --max-model-len min(8192, the checkpoint's maximum); --enforce-eager (no compilation
+- --max-model-len: what the largest request the planner's limits allow needs (context_length: the
+  chat template with the plan grids at --max-side x --max-side, a prompt of --max-prompt-chars
+  tokens, --max-condition-images condition grids at the processor's largest size), at most the
+  checkpoint's maximum; a request that still does not fit is refused up front (INVALID_ARGUMENT);
+- on CPU only: --enforce-eager (no compilation
   at start-up; --no-enforce-eager compiles with inductor, which takes about half a minute cold and
   roughly doubles the tiny model's throughput on a 2-core CPU); and, unless already set, the
   environment VLLM_HOST_IP=127.0.0.1 (no network lookup) and VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache).
@@ -22,22 +26,26 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor
 
+from imagekit.condition_images import ResizeRule
 from planner_service.engine import PlanEngine, PlanJob, PlanLayout
 from planner_service.inputs import build_inputs, tokenize_conditions
+from servekit.errors import InvalidRequest
+from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
 
 CPU_ENVIRONMENT = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-CPU_MAX_MODEL_LEN = 8192
 CONDITION_PREFIXES = ("model.visual.", "model.vqmodel.")
 
 
@@ -52,7 +60,23 @@ def checkpoint_dtype(config_path: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
-def parse_engine_args(model_dir: str, argv: list[str]):
+def context_length(model_dir: str, limits: Limits) -> int:
+    """Tokens of context the largest request within `limits` can need, rounded up to 1024: the plan
+    at max_side x max_side after its prompt as the chat template renders it, either text only (with
+    the preview grid) or with max_condition_images condition images at the processor's largest
+    size, plus one token per prompt character."""
+    root = Path(model_dir)
+    processor = GlmImageProcessor.from_pretrained(root / "processor")
+    side = math.isqrt(ResizeRule.from_checkpoint(root).max_pixels)
+    largest = Image.new("RGB", (side, side))
+    needed = 0
+    for images in ([], [largest] * limits.max_condition_images):
+        _, layout = build_inputs(processor, "", limits.max_side, limits.max_side, images)
+        needed = max(needed, layout.prompt_tokens + layout.total_tokens)
+    return -(-(needed + limits.max_prompt_chars) // 1024) * 1024
+
+
+def parse_engine_args(model_dir: str, argv: list[str], limits: Limits):
     """vLLM's AsyncEngineArgs from vLLM's own CLI flags, with the planner's defaults (module doc).
     Unknown flags or bad values stop the planner at start-up with vLLM's message."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -78,12 +102,11 @@ def parse_engine_args(model_dir: str, argv: list[str]):
         namespace.dtype = checkpoint_dtype(root / "vision_language_encoder" / "config.json")
     if "skip_tokenizer_init" not in explicit:
         namespace.skip_tokenizer_init = True
-    if _on_cpu():
-        if "max_model_len" not in explicit:
-            config = GlmImageConfig.from_pretrained(namespace.model)
-            namespace.max_model_len = min(CPU_MAX_MODEL_LEN, config.text_config.max_position_embeddings)
-        if not explicit & {"enforce_eager", "compilation_config", "optimization_level"}:
-            namespace.enforce_eager = True
+    if "max_model_len" not in explicit:
+        maximum = GlmImageConfig.from_pretrained(namespace.model).text_config.max_position_embeddings
+        namespace.max_model_len = min(context_length(model_dir, limits), maximum)
+    if _on_cpu() and not explicit & {"enforce_eager", "compilation_config", "optimization_level"}:
+        namespace.enforce_eager = True
     return AsyncEngineArgs.from_cli_args(namespace)
 
 
@@ -116,9 +139,9 @@ class VllmEngine(PlanEngine):
     name = "vllm"
     default_max_in_flight = 64  # continuous batching: vLLM schedules every admitted plan at once
 
-    def __init__(self, model_dir: str, engine_args: list[str]):
+    def __init__(self, model_dir: str, engine_args: list[str], limits: Limits):
         self.model_dir = model_dir
-        self.engine_args = parse_engine_args(model_dir, engine_args)
+        self.engine_args = parse_engine_args(model_dir, engine_args, limits)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Prompt rendering and the ViT + VQ run off the event loop, one job at a time.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-vllm-inputs")
@@ -161,8 +184,22 @@ class VllmEngine(PlanEngine):
             }
         return prompt, layout
 
+    @property
+    def context_tokens(self) -> int:
+        """Prompt + plan tokens a request may hold: vLLM's own figure once started (--max-model-len
+        may say "auto"), the engine arguments' before."""
+        return self.engine.model_config.max_model_len if self.engine else self.engine_args.max_model_len
+
     async def prepare(self, job: PlanJob) -> PlanLayout:
         prompt, layout = await asyncio.get_running_loop().run_in_executor(self._worker, self._prepare, job)
+        context = self.context_tokens
+        if layout.prompt_tokens + layout.total_tokens > context:
+            # vLLM would stop the plan at the context's end: refuse it before any token is written.
+            raise InvalidRequest(
+                f"this request needs {layout.prompt_tokens + layout.total_tokens} tokens of context (prompt and "
+                f"condition images {layout.prompt_tokens}, plan {layout.total_tokens}); this planner holds "
+                f"{context} (vLLM --max-model-len): use a shorter prompt, fewer condition images or a smaller size"
+            )
         job.engine_inputs = prompt
         return layout
 

@@ -126,7 +126,7 @@ def build_pipeline() -> GlmImagePipeline:
     ar_config = GlmImageConfig(
         text_config=dict(
             vocab_size=((len(ar_tokenizer) + 63) // 64) * 64, hidden_size=128, intermediate_size=256,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
             vision_vocab_size=CODEBOOK_SIZE,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                              "mrope_section": [4, 6, 6]},

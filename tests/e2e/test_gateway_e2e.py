@@ -72,7 +72,7 @@ def test_greedy_image_equals_the_monolithic_pipeline(client, pipe):
     assert result.completed.plan_tokens == 64 and result.completed.format == common_pb2.IMAGE_FORMAT_PNG
 
 
-@pytest.mark.parametrize(("width", "height"), [(256, 256), (512, 256)])
+@pytest.mark.parametrize(("width", "height"), [(256, 256), (512, 256), (1024, 1024)])
 def test_sampled_image_equals_the_monolithic_pipeline(client, pipe, width, height):
     result = client.generate(PROMPT, width, height, seed=11, num_inference_steps=2)
     expected = reference.render(pipe, PROMPT, width, height, seed=11, steps=2)  # AR + DiT in one call

@@ -65,6 +65,24 @@ def test_sampled_plan_equals_diffusers_ar_stage(stub, pipe, width, height):
     assert plan.summary.target_tokens == len(plan.target) == width * height // 1024
 
 
+def test_large_plans_at_the_default_limits(model_dir, pipe):
+    """1K-4K-token plans: every size complete, in order, and the largest equal to diffusers' AR stage."""
+    settings = planner_settings(model_dir, min_side=512, max_side=2048)
+    engine = make_engine(settings, [])
+    with (
+        ServerThread(lambda: planner_spec(settings, engine)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = planner_pb2_grpc.PlannerServiceStub(channel)
+        for width, height in [(1024, 1024), (2048, 512), (512, 2048), (2048, 2048)]:
+            plan = receive_plan(stub.Plan(plan_request(width, height, seed=11), timeout=300))
+            assert plan.summary.finish_reason == planner_pb2.FINISH_REASON_COMPLETE
+            assert len(plan.target) == width * height // 1024
+            assert len(plan.preview) == plan.header.preview_rows * plan.header.preview_cols > 0
+    assert len(plan.tokens) == 4352
+    assert plan.target == reference.sampled_target_grid(pipe, PROMPT, 2048, 2048, seed=11)[0]
+
+
 @pytest.mark.parametrize(("width", "height"), SIZES)
 def test_greedy_plan_equals_transformers_generate(stub, pipe, width, height):
     plan = receive_plan(stub.Plan(plan_request(width, height, temperature=0.0)))

@@ -3,6 +3,7 @@
 vLLM runs as in production: engine core and model worker in spawned processes, where the GLM-Image
 model exists only because the `vllm.general_plugins` entry point registers it there."""
 
+import asyncio
 import io
 import os
 import time
@@ -21,8 +22,12 @@ from servers import SERVING, ServerThread, health_status
 pytest.importorskip("vllm")
 
 from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc  # noqa: E402
+from planner_service.engine import PlanJob, Sampling  # noqa: E402
 from planner_service.service import make_engine, planner_spec  # noqa: E402
 from planner_service.settings import PlannerSettings  # noqa: E402
+from planner_service.vllm_engine import context_length  # noqa: E402
+from servekit.errors import InvalidRequest  # noqa: E402
+from servekit.validation import Limits  # noqa: E402
 from testkit import reference  # noqa: E402
 
 pytestmark = [pytest.mark.service, pytest.mark.vllm]
@@ -40,7 +45,7 @@ def vllm_environment():
 
 
 def planner_settings(model_dir) -> PlannerSettings:
-    return PlannerSettings(model=str(model_dir), engine="vllm", min_side=256, max_side=512, metrics_port=0,
+    return PlannerSettings(model=str(model_dir), engine="vllm", min_side=256, metrics_port=0,
                            chunk_tokens=16)  # fmt: skip
 
 
@@ -123,6 +128,38 @@ def test_greedy_plans_in_one_mixed_batch_equal_transformers(stub, expected):
     # they were generated together: at least 4 plans had their first tokens before any plan was complete
     first_done = min(end for _, end in times.values())
     assert sum(first < first_done for first, _ in times.values()) >= 4
+
+
+def test_large_plans_fit_the_default_context_and_equal_transformers(stub, pipe):
+    """The largest sizes the default limits allow, batched together, with no --max-model-len: every
+    plan complete; greedy plans equal to transformers' (positions and the layout table hold at the
+    largest size)."""
+    sizes = [(1024, 1024), (2048, 512), (512, 2048), (2048, 2048)]
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        plans = dict(
+            zip(sizes, pool.map(lambda size: receive_plan(stub.Plan(greedy_request(*size))), sizes), strict=True)
+        )
+    for (width, height), plan in plans.items():
+        header = plan.header
+        assert (header.target_rows, header.target_cols) == (height // 32, width // 32)
+        assert len(plan.preview) == header.preview_rows * header.preview_cols > 0
+        assert len(plan.target) == width * height // 1024
+        assert plan.summary.finish_reason == planner_pb2.FINISH_REASON_COMPLETE
+    assert len(plans[2048, 2048].tokens) == 4352
+    for width, height in [(1024, 1024), (2048, 512), (2048, 2048)]:
+        assert plans[width, height].tokens == reference.greedy_plan(pipe, PROMPT, width, height)[:-1]
+
+
+def test_a_request_beyond_the_context_is_refused_before_generation(model_dir):
+    """With a context shorter than the limits need (an explicit --max-model-len), a request that does
+    not fit is refused up front with what it needs, instead of a plan cut off at the context's end."""
+    engine = make_engine(planner_settings(model_dir), ["--max-model-len", "2048"])
+    engine._load_inputs()
+    job = PlanJob("r", PROMPT, 2048, 2048, seed=1, sampling=Sampling(temperature=0.0))
+    with pytest.raises(InvalidRequest, match=r"needs 4\d{3} tokens of context .* this planner holds 2048"):
+        asyncio.run(engine.prepare(job))
+    job = PlanJob("r", PROMPT, 1024, 1024, seed=1, sampling=Sampling(temperature=0.0))
+    assert asyncio.run(engine.prepare(job)).total_tokens == 1280
 
 
 @pytest.fixture
@@ -217,10 +254,12 @@ def test_engine_flags_are_vllms_own(model_dir):
     args = engine.engine_args
     assert (args.max_num_seqs, args.gpu_memory_utilization) == (8, 0.5)
     assert args.model.endswith("vision_language_encoder") and args.tokenizer.endswith("processor")
-    # defaults when absent: the checkpoint's dtype; on CPU eager mode and a bounded model length
+    # defaults when absent: the checkpoint's dtype, a context that fits the limits; on CPU eager mode
     assert args.dtype == "float32"
-    if current_platform.is_cpu():
-        assert args.enforce_eager and args.max_model_len == 4096
+    assert args.enforce_eager == current_platform.is_cpu()
+    assert args.max_model_len == context_length(str(model_dir), Limits()) == 9216  # 4,353 + 4,000 tokens and more
+    smaller = make_engine(PlannerSettings(model=str(model_dir), engine="vllm", max_side=1024), [])
+    assert smaller.engine_args.max_model_len == 6144
     explicit = make_engine(planner_settings(model_dir), ["--dtype", "bfloat16", "--max-model-len", "2048"])
     assert (explicit.engine_args.dtype, explicit.engine_args.max_model_len) == ("bfloat16", 2048)
     with pytest.raises(SystemExit, match="unrecognized arguments: --no-such-flag"):
