@@ -5,6 +5,7 @@ python -m gateway.cli info
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def generate(args) -> int:
     condition_images = [open(path, "rb").read() for path in args.image]
     bars = ProgressBars()
     started = time.perf_counter()
-    with ImageClient(args.address) as client:
+    with ImageClient(args.address, api_key=args.api_key) as client:
         try:
             result = client.generate(
                 args.prompt, width, height, seed=args.seed, num_inference_steps=args.steps,
@@ -90,10 +91,7 @@ def generate(args) -> int:
             )  # fmt: skip
         except grpc.RpcError as error:
             bars.finish()
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-            for line in error_details(error).lines():
-                print(f"  {line}", file=sys.stderr)
-            return 1
+            return failed(error)
     bars.finish()
     with open(args.out, "wb") as out:
         out.write(result.image)
@@ -116,15 +114,29 @@ FORMAT_NAMES = {value: name.upper() for name, value in FORMATS.items()}
 FORMAT_EXTENSIONS = {value: "jpg" if name == "jpeg" else name for name, value in FORMATS.items()}
 
 
+def failed(error: grpc.RpcError) -> int:
+    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+    for line in error_details(error).lines():
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
 def info(args) -> int:
-    with ImageClient(args.address) as client:
-        print(client.server_info())
+    with ImageClient(args.address, api_key=args.api_key) as client:
+        try:
+            print(client.server_info())
+        except grpc.RpcError as error:
+            return failed(error)
     return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="GLM-Image Serve client")
     parser.add_argument("--address", default="127.0.0.1:50050", help="gateway address")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("GLMIMAGE_API_KEY", ""),
+        help="the gateway's API key (default: $GLMIMAGE_API_KEY, which keeps it out of the process list)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate one image")
     gen.add_argument("prompt")

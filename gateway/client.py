@@ -88,10 +88,11 @@ class GeneratedImage:
 
 
 class ImageClient:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None, api_key: str = ""):
         # No send limit of its own (gRPC's default): the gateway's limits decide what a request may hold.
         self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = image_service_pb2_grpc.ImageServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def generate(
         self,
@@ -133,7 +134,7 @@ class ImageClient:
         )
         accepted, chunks, completed, received = None, [], None, []
         started = time.perf_counter()
-        for event in self.stub.Generate(request, timeout=timeout):
+        for event in self.stub.Generate(request, timeout=timeout, metadata=self.metadata):
             kind = event.WhichOneof("event")
             if kind == "accepted":
                 accepted = event.accepted
@@ -158,7 +159,7 @@ class ImageClient:
         return GeneratedImage(image=image, accepted=accepted, completed=completed, previews=received)
 
     def server_info(self, timeout: float = 10) -> common_pb2.ServerInfo:
-        return self.stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=timeout)
+        return self.stub.GetServerInfo(common_pb2.GetServerInfoRequest(), timeout=timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -7,7 +7,6 @@ GET /livez (the process answers), GET /readyz (a planner and a decoder are SERVI
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import socket
@@ -41,7 +40,6 @@ class HttpOptions:
     port: int
     served_model_name: str
     max_images: int
-    api_key: str  # "" = none needed
     grace_seconds: float
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -197,11 +195,8 @@ class HttpFront:
         }
 
     async def _authorize(self, request: Request) -> None:
-        if not self.options.api_key:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.options.api_key.encode()):
-            raise openai_images.Unauthenticated("a valid API key is required: send 'Authorization: Bearer KEY'")
+        """The caller's key name, for the images it asks for (`request.state.key`)."""
+        request.state.key = self.servicer.gatekeeper.authenticate(request.headers.get("authorization"))
 
     async def _edit_form(self, request: Request) -> tuple[ImageRequest, list[bytes]]:
         """The multipart form: the image files (`image` or `image[]`), the other fields as in generations
@@ -247,17 +242,17 @@ class HttpFront:
         deadline = asyncio.get_running_loop().time() + self.servicer.default_timeout_s
         if body.stream:
             return await self._stream(request, requests[0], kind, deadline, headers)
-        results = await _unless_disconnected(request, self._all(requests, deadline))
+        results = await _unless_disconnected(request, self._all(requests, deadline, request.state.key))
         if results is None:
             return Response(status_code=499)  # nobody reads it: the client is gone
         return JSONResponse(openai_images.images_response(results), headers=headers)
 
-    async def _forward(self, request: image_service_pb2.GenerateRequest, deadline: float,
+    async def _forward(self, request: image_service_pb2.GenerateRequest, deadline: float, key: str,
                        queue: asyncio.Queue) -> None:  # fmt: skip
         """Puts one chain's events into `queue`, then _END or the ServiceError it ended with."""
         try:
             async with asyncio.timeout_at(deadline):
-                async for event in self.servicer.generate(request, self.servicer.default_timeout_s):
+                async for event in self.servicer.generate(request, self.servicer.default_timeout_s, key):
                     await queue.put(event)
             await queue.put(_END)
         except TimeoutError:
@@ -268,9 +263,9 @@ class HttpFront:
             logger.exception("%s: unhandled error", request.request_id)
             await queue.put(ServiceError("internal error; see the server log"))
 
-    async def _image(self, request: image_service_pb2.GenerateRequest, deadline: float) -> Image:
+    async def _image(self, request: image_service_pb2.GenerateRequest, deadline: float, key: str) -> Image:
         queue: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.create_task(self._forward(request, deadline, queue))
+        producer = asyncio.create_task(self._forward(request, deadline, key, queue))
         try:
             chunks, completed = [], None
             while (item := await queue.get()) is not _END:
@@ -286,9 +281,10 @@ class HttpFront:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
 
-    async def _all(self, requests: list[image_service_pb2.GenerateRequest], deadline: float) -> list[Image]:
+    async def _all(self, requests: list[image_service_pb2.GenerateRequest], deadline: float,
+                   key: str) -> list[Image]:  # fmt: skip
         """The n images at once (the planner batches their plans); the first failure cancels the others."""
-        tasks = [asyncio.create_task(self._image(request, deadline)) for request in requests]
+        tasks = [asyncio.create_task(self._image(request, deadline, key)) for request in requests]
         try:
             return await asyncio.gather(*tasks)
         finally:
@@ -301,7 +297,7 @@ class HttpFront:
         """Server-sent events. Refusals (validation, admission) come before the stream starts, as HTTP
         statuses; a failure after it started is an `error` event."""
         queue: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.create_task(self._forward(generate_request, deadline, queue))
+        producer = asyncio.create_task(self._forward(generate_request, deadline, request.state.key, queue))
         first = None
         try:
             first = await _unless_disconnected(request, queue.get())

@@ -19,3 +19,10 @@ STAGE_WAITING = Gauge(
     "glmimage_gateway_stage_waiting", "Admitted requests waiting for a replica of the stage with room", ["stage"]
 )
 STAGE_IN_SERVICE = Gauge("glmimage_gateway_stage_in_service", "Requests this gateway has on the stage", ["stage"])
+# Per API key (its name in --api-keys-file; "anonymous" on an open gateway; "" for no valid key).
+KEY_REQUESTS = Counter(
+    "glmimage_gateway_key_requests",
+    "Requests by API key name and outcome (admitted, rate_limited, unauthenticated)",
+    ["key", "outcome"],
+)
+KEY_IN_FLIGHT = Gauge("glmimage_gateway_key_in_flight", "Requests in flight by API key name", ["key"])

@@ -63,11 +63,6 @@ class ModelNotFound(ServiceError):
     reason = "MODEL_NOT_FOUND"
 
 
-class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "INVALID_API_KEY"
-
-
 def validation_error(errors: list[dict]) -> InvalidRequest:
     """The first of pydantic's `errors()` as an InvalidRequest naming the field in OpenAI's terms."""
     error = errors[0]

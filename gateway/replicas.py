@@ -4,7 +4,8 @@ gateway's queue of requests waiting for a replica with room.
 Every target is re-resolved every `resolve_interval_s` and at once after a failure: a pod that
 appears behind the name gets a replica, one that vanished stops getting requests and is closed when
 its last request ends. Each replica's health and ServerInfo (with its load) are polled every
-`interval_s`; a draining pod (NOT_SERVING) gets no new requests.
+`interval_s`; a draining pod (NOT_SERVING) gets no new requests. When the TLS files change, every
+replica moves to a new channel made with them, and the old one is retired the same way.
 
 Backpressure lives here: `lease()` waits, in request arrival order and within the deadline, for a
 SERVING replica with room, room being the capacity the replica reports (planner: plans in flight;
@@ -15,6 +16,7 @@ RESOURCE_EXHAUSTED (other gateways share it) gets nothing more until its next po
 
 import asyncio
 import bisect
+import gc
 import itertools
 import logging
 import time
@@ -27,6 +29,7 @@ from gateway import metrics
 from gateway.discovery import Target
 from glmimage.v1 import common_pb2
 from servekit.errors import DeadlineExceeded
+from servekit.tls import ChannelTLS
 from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class Replica:
                  max_message_bytes: int):  # fmt: skip
         self.stage = stage
         self.address = address
+        self.target = target
         self.lookahead = lookahead
         # condition images travel inside requests: as large as the request limits allow
         options = [*CHANNEL_OPTIONS, ("grpc.max_send_message_length", max_message_bytes),
@@ -107,7 +111,7 @@ class _Waiter:
 
 
 class ReplicaPool:
-    def __init__(self, stage: str, targets: list[str], stub_class, credentials, interval_s: float,
+    def __init__(self, stage: str, targets: list[str], stub_class, tls: ChannelTLS | None, interval_s: float,
                  resolve_interval_s: float, lookahead: int = 0,
                  max_message_bytes: int = max_message_bytes(Limits())):  # fmt: skip
         self.stage = stage
@@ -115,7 +119,8 @@ class ReplicaPool:
         self.replicas: dict[str, Replica] = {}
         self._retired: set[Replica] = set()
         self._stub_class = stub_class
-        self._credentials = credentials
+        self._tls = tls
+        self._tls_generation = tls.generation if tls else 0  # the credentials the replicas' channels use
         self._lookahead = lookahead
         self._max_message_bytes = max_message_bytes
         self.interval_s = interval_s
@@ -142,23 +147,49 @@ class ReplicaPool:
                 return
         for address in sorted(found.keys() - self.replicas.keys()):
             logger.info("%s: new replica %s (behind %s)", self.stage, address, found[address])
-            self.replicas[address] = Replica(self.stage, address, found[address], self._stub_class,
-                                             self._credentials, self._lookahead, self._max_message_bytes)  # fmt: skip
+            self.replicas[address] = self._new_replica(address, found[address])
         for address in self.replicas.keys() - found.keys():
-            replica = self.replicas.pop(address)
             logger.info("%s: replica %s left its name; closing it once idle", self.stage, address)
-            replica.retired = True
-            self._retired.add(replica)
-            await self._close_if_idle(replica)
+            await self._retire(self.replicas.pop(address))
+
+    def _new_replica(self, address: str, target: Target) -> Replica:
+        credentials = self._tls.credentials if self._tls else None
+        return Replica(self.stage, address, target, self._stub_class, credentials, self._lookahead,
+                       self._max_message_bytes)  # fmt: skip
+
+    async def _retire(self, replica: Replica) -> None:
+        """No new requests; the channel closes when its last request ends."""
+        replica.retired = True
+        self._retired.add(replica)
+        await self._close_if_idle(replica)
+
+    async def _renew_channels(self) -> None:
+        """A channel keeps the certificates it was made with: after the TLS files change, each replica
+        is replaced by one on a new channel (new connections, new certificates), polled before it gets
+        requests, and the old one is retired so that its requests finish on the old connection."""
+        self._tls.refresh()
+        if self._tls.generation == self._tls_generation:
+            return
+        self._tls_generation = self._tls.generation
+        logger.info("%s: TLS files changed; reconnecting to %d replicas", self.stage, len(self.replicas))
+        for address, replica in list(self.replicas.items()):
+            self.replicas[address] = self._new_replica(address, replica.target)
+            await self._retire(replica)
 
     async def _close_if_idle(self, replica: Replica) -> None:
         if replica.retired and replica.outstanding == replica.best_effort == 0 and replica in self._retired:
             self._retired.discard(replica)
             await replica.channel.close()
+            # A finished stream call can outlive close() in a reference cycle (grpc's response iterator
+            # holds its call), keeping the connection open until the collector runs: collect now, so the
+            # connection closes with the replica (its certificates may just have been replaced).
+            gc.collect()
 
     async def _poll_forever(self) -> None:
         resolved_at = -float("inf")
         while True:
+            if self._tls is not None:
+                await self._renew_channels()
             if self._resolve_now.is_set() or time.monotonic() - resolved_at >= self.resolve_interval_s:
                 self._resolve_now.clear()
                 resolved_at = time.monotonic()

@@ -1,7 +1,10 @@
 """Wires settings, stage pools and the servicer into the shared server lifecycle."""
 
+import logging
+
 import grpc
 
+from gateway.auth import Gatekeeper
 from gateway.http_api import HttpFront, HttpOptions
 from gateway.replicas import ReplicaPool
 from gateway.servicer import ImageServicer
@@ -10,16 +13,25 @@ from glmimage.v1 import decoder_pb2_grpc, image_service_pb2, image_service_pb2_g
 from servekit.admission import Admission
 from servekit.errors import Unavailable
 from servekit.server import ServiceSpec, package_version
+from servekit.tls import ChannelTLS
 from servekit.validation import max_message_bytes
+
+logger = logging.getLogger(__name__)
 
 SERVICE_NAME = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 
 
-def _stage_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
+def _stage_tls(settings: GatewaySettings) -> ChannelTLS | None:
     if not settings.stage_tls_ca_file:
         return None
-    with open(settings.stage_tls_ca_file, "rb") as ca:
-        return grpc.ssl_channel_credentials(root_certificates=ca.read())
+    return ChannelTLS(settings.stage_tls_ca_file, settings.stage_tls_cert_file, settings.stage_tls_key_file)
+
+
+def _gatekeeper(settings: GatewaySettings) -> Gatekeeper:
+    gatekeeper = settings.gatekeeper()
+    if gatekeeper.keys is None:
+        logger.warning("no --api-keys-file: anyone who reaches this gateway can generate")
+    return gatekeeper
 
 
 def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
@@ -29,15 +41,15 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
     fronts: list[HttpFront] = []
 
     def register(server: grpc.aio.Server) -> None:
-        credentials = _stage_credentials(settings)
+        tls = _stage_tls(settings)  # one for both pools: they see a rotation together
         intervals = settings.health_interval_seconds, settings.resolve_interval_seconds
         message_bytes = max_message_bytes(settings.limits())
         pools["planner"] = ReplicaPool(
-            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, credentials, *intervals,
+            "planner", settings.planner_targets(), planner_pb2_grpc.PlannerServiceStub, tls, *intervals,
             max_message_bytes=message_bytes,
         )  # fmt: skip
         pools["decoder"] = ReplicaPool(
-            "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, credentials, *intervals,
+            "decoder", settings.decoder_targets(), decoder_pb2_grpc.DecoderServiceStub, tls, *intervals,
             lookahead=settings.decoder_lookahead, max_message_bytes=message_bytes,
         )  # fmt: skip
         servicer = ImageServicer(
@@ -48,12 +60,13 @@ def gateway_spec(settings: GatewaySettings) -> ServiceSpec:
             chain_options=settings.chain_options(),
             default_timeout_s=settings.default_timeout_seconds,
             version=package_version(),
+            gatekeeper=_gatekeeper(settings),
         )
         image_service_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
         if settings.http_port:
             options = HttpOptions(
                 host=settings.host, port=settings.http_port, served_model_name=settings.served_model_name,
-                max_images=settings.http_max_images, api_key=settings.http_api_key(),
+                max_images=settings.http_max_images,
                 grace_seconds=settings.shutdown_grace_seconds, tls_cert_file=settings.tls_cert_file,
                 tls_key_file=settings.tls_key_file,
             )  # fmt: skip

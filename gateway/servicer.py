@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway import metrics
+from gateway.auth import ANONYMOUS, Gatekeeper
 from gateway.chain import Chain, ChainOptions, ResolvedRequest
 from gateway.replicas import ReplicaPool
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
@@ -48,8 +49,10 @@ def resolve(request: image_service_pb2.GenerateRequest, limits: Limits) -> Resol
 
 class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def __init__(self, planners: ReplicaPool, decoders: ReplicaPool, admission: Admission, limits: Limits,
-                 chain_options: ChainOptions, default_timeout_s: float, version: str):  # fmt: skip
+                 chain_options: ChainOptions, default_timeout_s: float, version: str,
+                 gatekeeper: Gatekeeper):  # fmt: skip
         self.planners = planners
+        self.gatekeeper = gatekeeper
         self.decoders = decoders
         self.admission = admission
         self.limits = limits
@@ -69,24 +72,35 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             raise Unavailable("decoder: no replica has been SERVING yet")
         return self._defaults
 
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        return self.gatekeeper.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
+
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        key = self._caller(context)
         remaining = context.time_remaining()
         timeout = None if remaining is None or math.isinf(remaining) else remaining
-        async for event in self.generate(request, timeout):
+        async for event in self.generate(request, timeout, key):
             yield event
 
     async def generate(
-        self, request: image_service_pb2.GenerateRequest, timeout_s: float | None = None
+        self, request: image_service_pb2.GenerateRequest, timeout_s: float | None = None, key: str = ANONYMOUS
     ) -> AsyncIterator[image_service_pb2.GenerateEvent]:
-        """One image, whoever asks (gRPC Generate, the HTTP front): validation, admission, the deadline
-        (`timeout_s`, or the default), `accepted`, then the chain's events; counted in the metrics.
-        Raises ServiceError; the request id is `request.request_id`, assigned when empty."""
-        async for event in counted(self._generate(request, timeout_s), metrics.REQUESTS):
+        """One image, whoever asks (gRPC Generate, the HTTP front) with an authenticated `key` name: the
+        key's limits, validation, admission, the deadline (`timeout_s`, or the default), `accepted`,
+        then the chain's events; counted in the metrics. Raises ServiceError; the request id is
+        `request.request_id`, assigned when empty."""
+        async for event in counted(self._generate(request, timeout_s, key), metrics.REQUESTS):
             yield event
 
-    async def _generate(self, request: image_service_pb2.GenerateRequest, timeout_s: float | None):
+    async def _generate(self, request: image_service_pb2.GenerateRequest, timeout_s: float | None, key: str):
         deadline = time.monotonic() + (self.default_timeout_s if timeout_s is None else timeout_s)
+        with self.gatekeeper.limits.hold(key):
+            async for event in self._admitted(request, deadline, key):
+                yield event
+
+    async def _admitted(self, request: image_service_pb2.GenerateRequest, deadline: float, key: str):
         resolved = resolve(request, self.limits)
+        logger.info("%s: %dx%d for key %s", resolved.request_id, resolved.width, resolved.height, key)
         async with self.admission.slot():
             arrival = time.monotonic()
             steps, guidance = self._decoder_defaults()
@@ -106,6 +120,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 yield event
 
     async def GetServerInfo(self, request, context):
+        self._caller(context)
         stages = []
         for role, pool in ((common_pb2.SERVICE_ROLE_PLANNER, self.planners),
                            (common_pb2.SERVICE_ROLE_DECODER, self.decoders)):  # fmt: skip

@@ -3,9 +3,11 @@
 import math
 from dataclasses import dataclass
 
+from gateway.auth import ApiKeys, Gatekeeper, KeyLimits
 from gateway.chain import ChainOptions
 from gateway.discovery import Target
 from servekit.settings import ServerSettings, option
+from servekit.tls import read_pem
 
 
 @dataclass
@@ -32,12 +34,19 @@ class GatewaySettings(ServerSettings):
     )
     decoder_lookahead: int = option(1, "requests bound to a decoder beyond its denoising slots (ready to start)")
     stage_tls_ca_file: str = option("", "PEM CA bundle: talk TLS to the stages, verifying their certificates")
+    stage_tls_cert_file: str = option(
+        "", "PEM client certificate shown to the stages (mutual TLS; with --stage-tls-ca-file), re-read when it changes"
+    )
+    stage_tls_key_file: str = option("", "PEM private key for --stage-tls-cert-file")
     http_port: int = option(0, "OpenAI-compatible Images API over HTTP on this port (0 = off)")
     served_model_name: str = option("glm-image", "the model name the HTTP API serves (`model`, /v1/models)")
     http_max_images: int = option(4, "most images (`n`) one HTTP request may ask for")
-    http_api_key_file: str = option(
-        "", "file holding the key HTTP clients must send as 'Authorization: Bearer KEY' (empty: none needed)"
-    )
+    api_keys_file: str = option(
+        "", "keys gRPC and HTTP clients must send as 'authorization: Bearer KEY', one 'sha256:<hex digest> [name]' "
+        "a line, re-read when it changes (empty: the gateway is open to anyone who reaches it)",
+    )  # fmt: skip
+    key_requests_per_minute: int = option(0, "requests one API key may start a minute (0 = no limit)")
+    key_max_in_flight: int = option(0, "requests one API key may have in flight (0 = no limit)")
 
     def validate(self) -> None:
         super().validate()
@@ -57,21 +66,23 @@ class GatewaySettings(ServerSettings):
             raise ValueError("--decoder-lookahead must be >= 0")
         if not 0 <= self.http_port <= 65535 or self.http_max_images < 1 or not self.served_model_name.strip():
             raise ValueError("--http-port must be 0..65535, --http-max-images >= 1, --served-model-name not empty")
-        if self.http_api_key_file:
-            self.http_api_key()  # raises when unreadable or empty
+        if self.tls_client_ca_file and self.http_port:
+            raise ValueError("--tls-client-ca-file cannot go with --http-port: HTTP clients show no certificate")
+        if bool(self.stage_tls_cert_file) != bool(self.stage_tls_key_file) or (
+            self.stage_tls_cert_file and not self.stage_tls_ca_file
+        ):
+            raise ValueError("--stage-tls-cert-file and --stage-tls-key-file go together, with --stage-tls-ca-file")
+        if self.stage_tls_ca_file:
+            read_pem(self.stage_tls_cert_file, self.stage_tls_key_file, self.stage_tls_ca_file)  # names a bad file
+        if min(self.key_requests_per_minute, self.key_max_in_flight) < 0:
+            raise ValueError("--key-requests-per-minute and --key-max-in-flight must be >= 0 (0 = no limit)")
+        if (self.key_requests_per_minute or self.key_max_in_flight) and not self.api_keys_file:
+            raise ValueError("--key-requests-per-minute and --key-max-in-flight need --api-keys-file")
+        self.gatekeeper()  # raises when the keys file is unreadable or malformed
 
-    def http_api_key(self) -> str:
-        """The key in --http-api-key-file ("" when none is set)."""
-        if not self.http_api_key_file:
-            return ""
-        try:
-            with open(self.http_api_key_file, encoding="utf-8") as file:
-                key = file.read().strip()
-        except OSError as error:
-            raise ValueError(f"--http-api-key-file: {error}") from None
-        if not key:
-            raise ValueError(f"--http-api-key-file: {self.http_api_key_file} is empty")
-        return key
+    def gatekeeper(self) -> Gatekeeper:
+        keys = ApiKeys(self.api_keys_file) if self.api_keys_file else None
+        return Gatekeeper(keys, KeyLimits(self.key_requests_per_minute, self.key_max_in_flight))
 
     def planner_targets(self) -> list[str]:
         return [t.strip() for t in self.planner.split(",") if t.strip()]

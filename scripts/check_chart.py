@@ -131,33 +131,86 @@ def scenarios() -> Iterator[tuple[str, dict]]:
     for example in EXAMPLES:
         yield f"examples/{example.name}", load_yaml(example)
     yield (
-        "tls+monitors+autoscaling",
+        "tls+monitors+autoscaling, no NetworkPolicies",
         {
+            "tls": {
+                "enabled": True,
+                "planner": {"secretName": "glm-planner-tls"},
+                "decoder": {"secretName": "glm-decoder-tls"},
+            },
+            "networkPolicy": {"enabled": False},
             "planner": {
-                "tls": {"enabled": True, "secretName": "glm-planner-tls"},
                 "autoscaling": {"enabled": True},
                 "metrics": {"serviceMonitor": {"enabled": True}},
             },
             "decoder": {
-                "tls": {"enabled": True, "secretName": "glm-decoder-tls"},
                 "autoscaling": {"enabled": True},
                 "metrics": {"serviceMonitor": {"enabled": True}},
             },
             "gateway": {
                 "tls": {"enabled": True, "secretName": "glm-gateway-tls"},
-                "stageTLS": {"caSecretName": "glm-ca"},
                 "autoscaling": {"enabled": True},
                 "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
             },
         },
     )
     yield (
-        "gateway http + api key + tls",
+        "gateway http + API keys Secret + tls",
         {
             "gateway": {
                 "tls": {"enabled": True, "secretName": "glm-gateway-tls"},
-                "http": {"enabled": True, "apiKeySecret": {"name": "glm-api-key"}},
+                "http": {"enabled": True},
+                "apiKeys": {"existingSecret": "glm-api-keys", "secretKey": "keys.txt", "requestsPerMinute": 120},
             },
+        },
+    )
+    yield (
+        "mTLS + cert-manager + API key digests + narrowed NetworkPolicies",
+        {
+            "tls": {
+                "enabled": True,
+                "mutual": True,
+                "certManager": {
+                    "enabled": True,
+                    "issuerRef": {"name": "glm-ca", "kind": "ClusterIssuer"},
+                    "duration": "720h",
+                    "renewBefore": "240h",
+                    "gatewayDNSNames": ["images.example.com"],
+                },
+            },
+            "networkPolicy": {
+                "gatewayFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}],
+                "stageFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "debug"}}}],
+            },
+            "gateway": {
+                "tls": {"enabled": True},
+                "http": {"enabled": True},
+                "apiKeys": {
+                    "entries": [
+                        {"sha256": "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", "name": "alice"},
+                        {"sha256": "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3"},
+                    ],
+                    "requestsPerMinute": 60,
+                    "maxInFlight": 4,
+                },
+                "metrics": {"podMonitor": {"enabled": True}},
+            },
+        },
+    )
+    yield (
+        "mTLS with existing Secrets and a CA bundle, metrics open",
+        {
+            "tls": {
+                "enabled": True,
+                "mutual": True,
+                "planner": {"secretName": "glm-planner-tls"},
+                "decoder": {"secretName": "glm-decoder-tls"},
+                "gatewayClient": {"secretName": "glm-gateway-client-tls"},
+                "ca": {"secretName": "glm-ca-bundle", "key": "bundle.pem"},
+                # ignored for every certificate named above
+                "certManager": {"enabled": True, "issuerRef": {"name": "unused"}},
+            },
+            "networkPolicy": {"metricsFrom": []},
         },
     )
     yield (
@@ -347,6 +400,17 @@ SCHEMA_REJECTS = {
     "relative model path": {"model": {"path": "models/glm-image"}},
     "unknown engine": {"planner": {"engine": "tensorrt"}},
     "KEDA threshold not a number": {"decoder": {"autoscaling": {"threshold": "a lot"}}},
+    "an API key in plaintext instead of its digest": {"gateway": {"apiKeys": {"entries": [{"sha256": "hunter2"}]}}},
+    "an API key entry carrying the key": {
+        "gateway": {"apiKeys": {"entries": [{"sha256": "a" * 64, "key": "hunter2"}]}}
+    },
+    "an uppercase API key digest": {"gateway": {"apiKeys": {"entries": [{"sha256": "A" * 64}]}}},
+    "a negative per-key limit": {"gateway": {"apiKeys": {"requestsPerMinute": -1}}},
+    "the removed http.apiKeySecret": {"gateway": {"http": {"apiKeySecret": {"name": "k", "key": "api-key"}}}},
+    "stage TLS in a stage's block (it is tls.*)": {"planner": {"tls": {"enabled": True}}},
+    "an unknown issuer kind": {"tls": {"certManager": {"issuerRef": {"kind": "VaultIssuer"}}}},
+    "a certificate duration without a unit": {"tls": {"certManager": {"duration": "90"}}},
+    "a NetworkPolicy peer that is no peer": {"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}},
 }
 
 
@@ -374,13 +438,35 @@ RENDER_REJECTS = {
     ),
     "no model storage": ({"model": {"download": {"enabled": False}}}, "model.existingClaim"),
     "model.path outside mountPath": ({"model": {"path": "/data/glm-image"}}, "model.path"),
-    "TLS on one stage only": (
-        {"planner": {"tls": {"enabled": True, "secretName": "a"}}},
-        "planner.tls.enabled and decoder.tls.enabled",
+    "TLS without a secret or cert-manager": ({"tls": {"enabled": True}}, "tls.planner.secretName is required"),
+    "gateway TLS without a secret or cert-manager": (
+        {"gateway": {"tls": {"enabled": True}}},
+        "gateway.tls.secretName is required",
     ),
-    "TLS without a secret": (
-        {"planner": {"tls": {"enabled": True}}, "decoder": {"tls": {"enabled": True}}},
-        "tls.secretName is required",
+    "mutual TLS without TLS": ({"tls": {"mutual": True}}, "tls.mutual needs tls.enabled"),
+    "mutual TLS without a client certificate": (
+        {
+            "tls": {
+                "enabled": True,
+                "mutual": True,
+                "planner": {"secretName": "p"},
+                "decoder": {"secretName": "d"},
+            }
+        },
+        "tls.gatewayClient.secretName is required",
+    ),
+    "cert-manager without an issuer": (
+        {"tls": {"enabled": True, "certManager": {"enabled": True}}},
+        "tls.certManager.issuerRef.name is required",
+    ),
+    "API keys from a Secret and from entries": (
+        {"gateway": {"apiKeys": {"existingSecret": "k", "entries": [{"sha256": "a" * 64}]}}},
+        "existingSecret or entries, not both",
+    ),
+    "per-key limits without keys": ({"gateway": {"apiKeys": {"maxInFlight": 4}}}, "per API key"),
+    "an API key digest listed twice": (
+        {"gateway": {"apiKeys": {"entries": [{"sha256": "b" * 64}, {"sha256": "b" * 64, "name": "again"}]}}},
+        "listed twice",
     ),
 }
 
@@ -403,7 +489,7 @@ def check_render_rejects() -> list[str]:
 def check_kubernetes_schemas(objects: list[Manifest]) -> list[str]:
     problems = []
     for obj in objects:
-        if obj["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+        if obj["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/", "cert-manager.io/")):
             continue  # CRDs: checked structurally in check_objects
         clean = {k: v for k, v in obj.items() if k != "_template"}
         for version in KUBE_VERSIONS:
@@ -478,7 +564,7 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
             problems.append(f"{stage}: needs readiness and liveness probes")
         elif readiness == liveness:
             problems.append(f"{stage}: liveness and readiness probes must differ")
-        tls = merged[stage]["tls"]["enabled"]
+        tls = serves_tls(stage, merged)
         startup = container.get("startupProbe")
         for kind, probe in (("readiness", readiness), ("liveness", liveness), ("startup", startup)):
             if not probe:
@@ -516,10 +602,6 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
             pp = int(arg_value(args, "--pipeline-parallel-size") or 1)
             if gpus != tp * pp:
                 problems.append(f"planner: {gpus} GPUs for tensor x pipeline parallel size {tp * pp}")
-        if pod_spec.get("securityContext", {}).get("runAsNonRoot") is not True:
-            problems.append(f"{stage}: pods must run as non-root")
-        if tls and (arg_value(args, "--tls-cert-file") is None or arg_value(args, "--tls-key-file") is None):
-            problems.append(f"{stage}: TLS enabled but --tls-cert-file/--tls-key-file missing")
         if merged["model"]["download"]["enabled"] and stage in GPU_STAGES:
             init = {c["name"]: c for c in pod_spec.get("initContainers", [])}.get("model-fetch")
             if not init or init.get("command") != ["hf"] or "download" not in init.get("args", []):
@@ -545,10 +627,6 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
     if not gateway_service or gateway_service["spec"].get("clusterIP") == "None":
         problems.append("gateway: needs a (non-headless) Service")
     problems += check_gateway_http(main_container(deployments["gateway"]), gateway_service, merged["gateway"]["http"])
-    if merged["planner"]["tls"]["enabled"]:
-        gateway_args = [str(a) for a in main_container(deployments["gateway"])["args"]]
-        if arg_value(gateway_args, "--stage-tls-ca-file") is None:
-            problems.append("gateway: stages serve TLS but --stage-tls-ca-file is missing")
 
     # PDBs, autoscalers and monitors point at the right pods
     for pdb in of_kind(objects, "PodDisruptionBudget"):
@@ -609,8 +687,7 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
 
 
 def check_gateway_http(container: Manifest, service: Manifest | None, http: dict) -> list[str]:
-    """The HTTP API: --http-port on the container's `http` port and on the Service iff enabled; the API key
-    from its Secret's file iff one is named."""
+    """The HTTP API: --http-port on the container's `http` port and on the Service iff enabled."""
     args = [str(a) for a in container.get("args", [])]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     service_ports = {p["name"]: p for p in (service or {}).get("spec", {}).get("ports", [])}
@@ -623,11 +700,373 @@ def check_gateway_http(container: Manifest, service: Manifest | None, http: dict
         problems.append("gateway: --http-port and the container's http port differ")
     if service_ports.get("http", {}).get("targetPort") != "http":
         problems.append("gateway: its Service needs an http port targeting the container's")
-    key_file = arg_value(args, "--http-api-key-file")
-    if bool(http["apiKeySecret"]["name"]) != bool(key_file):
-        problems.append("gateway: --http-api-key-file iff http.apiKeySecret.name")
-    if key_file and not any(key_file.startswith(m["mountPath"] + "/") for m in container.get("volumeMounts", [])):
-        problems.append(f"gateway: --http-api-key-file {key_file} is not on a mounted volume")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the chart: security (TLS and mutual TLS, API keys, NetworkPolicies, pod hardening)
+
+
+def serves_tls(stage: str, values: dict) -> bool:
+    """planner and decoder serve TLS with `tls.enabled`; the gateway's listener with `gateway.tls.enabled`."""
+    return bool(values["gateway"]["tls"]["enabled"] if stage == "gateway" else values["tls"]["enabled"])
+
+
+def service_names(service: str, values: dict) -> list[str]:
+    """The names a certificate for a Service must carry: <svc>, <svc>.<ns>, <svc>.<ns>.svc, and the FQDN."""
+    return [
+        service,
+        f"{service}.{NAMESPACE}",
+        f"{service}.{NAMESPACE}.svc",
+        f"{service}.{NAMESPACE}.svc.{values['clusterDomain']}",
+    ]
+
+
+def secret_file(pod_spec: Manifest, container: Manifest, path: str | None) -> tuple[str | None, str | None, list[str]]:
+    """(Secret, key in it, problems) of the file `path` in `container`: it must lie on a read-only Secret
+    volume mounted as a directory (a subPath mount never sees a rotated Secret)."""
+    if not path:
+        return None, None, ["no file given"]
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None, None, [f"{path} is on no mounted volume"]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    problems = []
+    if "subPath" in mount or "subPathExpr" in mount:
+        problems.append(f"{path}: volume {mount['name']} is mounted with subPath (rotation never reaches it)")
+    if not mount.get("readOnly"):
+        problems.append(f"{path}: volume {mount['name']} is not mounted read-only")
+    volume = {v["name"]: v for v in pod_spec.get("volumes", [])}.get(mount["name"], {})
+    secret = volume.get("secret")
+    if not secret:
+        return None, None, problems + [f"{path}: volume {mount['name']} is not a Secret"]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    key: str | None = relative
+    if secret.get("items"):
+        key = {item["path"]: item["key"] for item in secret["items"]}.get(relative)
+        if key is None:
+            problems.append(f"{path}: not among the items of Secret {secret['secretName']}")
+    return secret["secretName"], key, problems
+
+
+def target_host(target: str | None) -> str:
+    """The host of a gRPC target such as dns:///name:port."""
+    return re.sub(r"^[a-z]+:///?", "", target or "").rsplit(":", 1)[0]
+
+
+def check_certificate(
+    cert: Manifest, values: dict, names: list[str], usages: set[str], no_usages: set[str]
+) -> list[str]:
+    spec, name = cert["spec"], f"Certificate/{cert['metadata']['name']}"
+    manager = values["tls"]["certManager"]
+    problems = []
+    missing = [n for n in names if n not in spec.get("dnsNames", [])]
+    if missing:
+        problems.append(f"{name}: dnsNames lack {missing}")
+    if not usages <= set(spec.get("usages", [])) or set(spec.get("usages", [])) & no_usages:
+        problems.append(
+            f"{name}: usages {spec.get('usages')} should include {sorted(usages)} and not {sorted(no_usages)}"
+        )
+    issuer = {k: manager["issuerRef"][k] for k in ("name", "kind", "group")}
+    if spec.get("issuerRef") != issuer:
+        problems.append(f"{name}: issuerRef {spec.get('issuerRef')} is not tls.certManager.issuerRef {issuer}")
+    if (spec.get("duration"), spec.get("renewBefore")) != (manager["duration"], manager["renewBefore"]):
+        problems.append(f"{name}: duration/renewBefore differ from tls.certManager")
+    if spec.get("privateKey", {}).get("rotationPolicy") != "Always":
+        problems.append(f"{name}: privateKey.rotationPolicy must be Always (a new key on every renewal)")
+    return problems
+
+
+def check_tls(objects: list[Manifest], values: dict) -> list[str]:
+    """TLS to the stages, mutual TLS and the gateway's listener: the flags of every stage, the Secrets they
+    read (directory mounts), the probes, and the cert-manager Certificates with their names and usages."""
+    problems: list[str] = []
+    tls, manager = values["tls"], values["tls"]["certManager"]
+    mutual = tls["enabled"] and tls["mutual"]
+    deployments = {component(d): d for d in of_kind(objects, "Deployment")}
+    services = {component(s): s for s in of_kind(objects, "Service")}
+    certificates = {c["spec"]["secretName"]: c for c in of_kind(objects, "Certificate")}
+    if len(certificates) != len(of_kind(objects, "Certificate")):
+        problems.append("two Certificates write the same Secret")
+    expected_certificates: set[str] = set()
+    serving_secret: dict[str, str | None] = {}
+    gateway_args = [str(a) for a in main_container(deployments["gateway"]).get("args", [])]
+    for stage in STAGES:
+        pod_spec = deployments[stage]["spec"]["template"]["spec"]
+        container = main_container(deployments[stage])
+        args = [str(a) for a in container.get("args", [])]
+        service = services[stage]["metadata"]["name"]
+        names = service_names(service, values)
+        cert_file, key_file = arg_value(args, "--tls-cert-file"), arg_value(args, "--tls-key-file")
+        if not serves_tls(stage, values):
+            if cert_file or key_file:
+                problems.append(f"{stage}: TLS is off but --tls-cert-file/--tls-key-file are set")
+            serving_secret[stage] = None
+        else:
+            secret, key, found = secret_file(pod_spec, container, cert_file)
+            problems += [f"{stage}: --tls-cert-file: {p}" for p in found]
+            key_secret, key_key, found = secret_file(pod_spec, container, key_file)
+            problems += [f"{stage}: --tls-key-file: {p}" for p in found]
+            if (key, key_key) != ("tls.crt", "tls.key") or key_secret != secret:
+                problems.append(f"{stage}: certificate and key must be tls.crt and tls.key of one Secret")
+            serving_secret[stage] = secret
+            existing = values["gateway"]["tls"]["secretName"] if stage == "gateway" else tls[stage]["secretName"]
+            if existing and secret != existing:
+                problems.append(f"{stage}: serves the certificate of Secret {secret}, not {existing}")
+            if not existing:
+                expected_certificates.add(str(secret))
+                cert = certificates.get(str(secret))
+                if cert is None:
+                    problems.append(f"{stage}: no cert-manager Certificate writes its Secret {secret}")
+                elif component(cert) != stage:
+                    problems.append(f"{stage}: its Certificate is labelled {component(cert)}")
+                else:
+                    extra = manager["gatewayDNSNames"] if stage == "gateway" else []
+                    usages = {"server auth"} | ({"client auth"} if mutual and stage != "gateway" else set())
+                    no_usages = set() if mutual and stage != "gateway" else {"client auth"}
+                    problems += check_certificate(cert, values, names + extra, usages, no_usages)
+            # probes: the health client over TLS, checking the Service's name, with a client certificate under mTLS
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                command = [str(a) for a in container.get(kind, {}).get("exec", {}).get("command", [])]
+                if not command:
+                    continue  # check_objects requires exec probes under TLS
+                if "servekit.healthcheck" not in command:
+                    problems.append(f"{stage}: {kind} must run servekit.healthcheck")
+                if arg_value(command, "--tls-server-name") != names[-1]:
+                    problems.append(f"{stage}: {kind} --tls-server-name should be {names[-1]}")
+                ca_secret, _, found = secret_file(pod_spec, container, arg_value(command, "--tls-ca-file"))
+                problems += [f"{stage}: {kind} --tls-ca-file: {p}" for p in found]
+                probe_cert = (arg_value(command, "--tls-cert-file"), arg_value(command, "--tls-key-file"))
+                if mutual and stage != "gateway":
+                    if probe_cert != (cert_file, key_file):
+                        problems.append(f"{stage}: {kind} must present the pod's certificate (mutual TLS)")
+                elif any(probe_cert):
+                    problems.append(f"{stage}: {kind} presents a client certificate without mutual TLS")
+        # client certificates: required by planner and decoder under mTLS, checked against the CA
+        if stage != "gateway":
+            client_ca = arg_value(args, "--tls-client-ca-file")
+            if not mutual:
+                if client_ca:
+                    problems.append(f"{stage}: --tls-client-ca-file without tls.mutual")
+                continue
+            secret, key, found = secret_file(pod_spec, container, client_ca)
+            problems += [f"{stage}: --tls-client-ca-file: {p}" for p in found]
+            want = (
+                (tls["ca"]["secretName"], tls["ca"]["key"])
+                if tls["ca"]["secretName"]
+                else (serving_secret[stage], "ca.crt")
+            )
+            if (secret, key) != want:
+                problems.append(f"{stage}: --tls-client-ca-file reads {secret}/{key}, expected {want[0]}/{want[1]}")
+            # the gateway dials the name this certificate carries
+            dialed = target_host(arg_value(gateway_args, f"--{stage}"))
+            if not values["gateway"][f"{stage}Targets"] and dialed != names[-1]:
+                problems.append(f"gateway: dials {dialed}, but {stage}'s certificate names {names[-1]}")
+    # the gateway as the stages' client
+    pod_spec = deployments["gateway"]["spec"]["template"]["spec"]
+    container = main_container(deployments["gateway"])
+    stage_ca = arg_value(gateway_args, "--stage-tls-ca-file")
+    client = (arg_value(gateway_args, "--stage-tls-cert-file"), arg_value(gateway_args, "--stage-tls-key-file"))
+    client_secret = None
+    if not tls["enabled"]:
+        if stage_ca:
+            problems.append("gateway: --stage-tls-ca-file while tls.enabled is off")
+    else:
+        secret, key, found = secret_file(pod_spec, container, stage_ca)
+        problems += [f"gateway: --stage-tls-ca-file: {p}" for p in found]
+        if tls["ca"]["secretName"] and (secret, key) != (tls["ca"]["secretName"], tls["ca"]["key"]):
+            problems.append(f"gateway: --stage-tls-ca-file reads {secret}/{key}, not tls.ca")
+        if not tls["ca"]["secretName"] and key != "ca.crt":
+            problems.append("gateway: --stage-tls-ca-file must be the ca.crt of a certificate Secret")
+    if not mutual:
+        if any(client):
+            problems.append("gateway: --stage-tls-cert-file/--stage-tls-key-file without tls.mutual")
+    else:
+        secret, key, found = secret_file(pod_spec, container, client[0])
+        client_secret = secret
+        problems += [f"gateway: --stage-tls-cert-file: {p}" for p in found]
+        key_secret, key_key, found = secret_file(pod_spec, container, client[1])
+        problems += [f"gateway: --stage-tls-key-file: {p}" for p in found]
+        if (key, key_key) != ("tls.crt", "tls.key") or key_secret != secret:
+            problems.append("gateway: client certificate and key must be tls.crt and tls.key of one Secret")
+        existing = tls["gatewayClient"]["secretName"]
+        if existing and secret != existing:
+            problems.append(f"gateway: presents Secret {secret}, not tls.gatewayClient.secretName {existing}")
+        if not existing:
+            expected_certificates.add(str(secret))
+            cert = certificates.get(str(secret))
+            if cert is None or component(cert) != "gateway":
+                problems.append(f"gateway: no cert-manager Certificate (gateway) writes its client Secret {secret}")
+            else:
+                problems += check_certificate(cert, values, [], {"client auth"}, {"server auth"})
+        for stage in GPU_STAGES:
+            if serving_secret[stage] == secret:
+                problems.append(f"gateway: its client certificate is {stage}'s serving certificate")
+    # private keys stay in their own pods
+    for stage in STAGES:
+        pod_spec = deployments[stage]["spec"]["template"]["spec"]
+        for volume in pod_spec.get("volumes", []):
+            secret = volume.get("secret")
+            if not secret:
+                continue
+            others = {s for o, s in serving_secret.items() if o != stage and s}
+            if secret["secretName"] in others and {i["key"] for i in secret.get("items", [])} != {"ca.crt"}:
+                problems.append(f"{stage}: mounts another stage's Secret {secret['secretName']} beyond its ca.crt")
+            if stage != "gateway" and client_secret and secret["secretName"] == client_secret:
+                problems.append(f"{stage}: mounts the gateway's client certificate")
+    # Certificates: exactly the ones needed, and only with tls.certManager.enabled
+    if not manager["enabled"]:
+        expected_certificates = set()
+    if set(certificates) != expected_certificates:
+        problems.append(f"Certificates write {sorted(certificates)}, expected {sorted(expected_certificates)}")
+    return problems
+
+
+API_KEY_LINE = re.compile(r"sha256:[0-9a-f]{64}(\s+[^#\s][^#]*)?")
+
+
+def check_api_keys(objects: list[Manifest], values: dict) -> list[str]:
+    """API keys: --api-keys-file on a directory-mounted Secret iff keys are set; the chart's Secret holds
+    digests only; per-key limits passed; the removed --http-api-key-file never rendered."""
+    problems: list[str] = []
+    keys = values["gateway"]["apiKeys"]
+    deployments = {component(d): d for d in of_kind(objects, "Deployment")}
+    for stage, deployment in deployments.items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if any(str(a).startswith("--http-api-key-file") for a in container.get("args", [])):
+                problems.append(f"{stage}: --http-api-key-file is gone (gateway.apiKeys: --api-keys-file)")
+    pod_spec = deployments["gateway"]["spec"]["template"]["spec"]
+    container = main_container(deployments["gateway"])
+    args = [str(a) for a in container.get("args", [])]
+    key_file = arg_value(args, "--api-keys-file")
+    chart_secrets = [s for s in of_kind(objects, "Secret") if s["_template"] == "secret-gateway.yaml"]
+    limits = {"--key-requests-per-minute": keys["requestsPerMinute"], "--key-max-in-flight": keys["maxInFlight"]}
+    if not (keys["existingSecret"] or keys["entries"]):
+        if key_file or chart_secrets or any(arg_value(args, flag) for flag in limits):
+            problems.append("gateway: no gateway.apiKeys, yet an API keys file, Secret or limit is rendered")
+        return problems
+    for flag, limit in limits.items():
+        if arg_value(args, flag) != (str(limit) if limit else None):
+            problems.append(f"gateway: {flag} should be {limit or 'absent'}")
+    secret, key, found = secret_file(pod_spec, container, key_file)
+    problems += [f"gateway: --api-keys-file: {p}" for p in found]
+    if key != keys["secretKey"]:
+        problems.append(f"gateway: --api-keys-file reads key {key}, not gateway.apiKeys.secretKey")
+    if keys["existingSecret"]:
+        if chart_secrets:
+            problems.append("gateway.apiKeys.existingSecret is set, yet the chart renders its own keys Secret")
+        if secret != keys["existingSecret"]:
+            problems.append(f"gateway: --api-keys-file reads Secret {secret}, not {keys['existingSecret']}")
+    else:
+        if len(chart_secrets) != 1:
+            return problems + ["gateway.apiKeys.entries: expected one chart-made Secret"]
+        made = chart_secrets[0]
+        if secret != made["metadata"]["name"]:
+            problems.append(
+                f"gateway: --api-keys-file reads Secret {secret}, not the chart's {made['metadata']['name']}"
+            )
+        data = made.get("stringData", {})
+        if set(data) != {keys["secretKey"]} or "data" in made:
+            problems.append(f"Secret {made['metadata']['name']}: should hold only stringData.{keys['secretKey']}")
+        lines = [line.split("#", 1)[0].strip() for line in str(data.get(keys["secretKey"], "")).splitlines()]
+        lines = [line for line in lines if line]
+        bad = [line for line in lines if not API_KEY_LINE.fullmatch(line)]
+        if bad:
+            problems.append(f"Secret {made['metadata']['name']}: lines other than 'sha256:<digest> [name]': {bad}")
+        digests = [line.split()[0].removeprefix("sha256:") for line in lines]
+        if digests != [entry["sha256"] for entry in keys["entries"]]:
+            problems.append(f"Secret {made['metadata']['name']}: digests differ from gateway.apiKeys.entries")
+    for stage in GPU_STAGES:
+        volumes = deployments[stage]["spec"]["template"]["spec"].get("volumes", [])
+        if any(v.get("secret", {}).get("secretName") == secret for v in volumes):
+            problems.append(f"{stage}: mounts the gateway's API keys")
+    return problems
+
+
+def check_network_policies(objects: list[Manifest], values: dict) -> list[str]:
+    """One ingress NetworkPolicy per stage: planner and decoder gRPC from this release's gateway pods (and
+    networkPolicy.stageFrom) only, the gateway's gRPC/HTTP from networkPolicy.gatewayFrom, metrics from
+    networkPolicy.metricsFrom only; no rule opens a port the stage does not serve."""
+    policy = values["networkPolicy"]
+    policies = of_kind(objects, "NetworkPolicy")
+    if not policy["enabled"]:
+        return ["NetworkPolicies rendered although networkPolicy.enabled is off"] if policies else []
+    problems: list[str] = []
+    deployments = {component(d): d for d in of_kind(objects, "Deployment")}
+    by_stage = {component(p): p for p in policies}
+    if len(policies) != len(STAGES) or set(by_stage) != set(STAGES):
+        return [f"expected one NetworkPolicy per stage, found {sorted(map(str, by_stage))}"]
+    gateway_peer = {"podSelector": {"matchLabels": deployments["gateway"]["spec"]["selector"]["matchLabels"]}}
+    for stage, netpol in by_stage.items():
+        spec = netpol["spec"]
+        selector = deployments[stage]["spec"]["selector"]["matchLabels"]
+        if spec.get("podSelector", {}).get("matchLabels") != selector or spec["podSelector"].get("matchExpressions"):
+            problems.append(f"NetworkPolicy {stage}: podSelector is not the stage's selector")
+        if spec.get("policyTypes") != ["Ingress"]:
+            problems.append(f"NetworkPolicy {stage}: policyTypes should be [Ingress] (egress stays open)")
+        ports = {p["name"]: p["containerPort"] for p in main_container(deployments[stage])["ports"]}
+        allowed: dict[int, list[Any]] = {}
+        for rule in spec.get("ingress", []):
+            if not rule.get("ports"):
+                problems.append(f"NetworkPolicy {stage}: a rule without ports opens every port")
+                continue
+            for port in rule["ports"]:
+                if port.get("protocol", "TCP") != "TCP" or port["port"] not in ports.values() or "endPort" in port:
+                    problems.append(f"NetworkPolicy {stage}: opens {port}, not a port of the stage")
+                allowed.setdefault(port["port"], []).append(rule.get("from"))
+        expected: dict[int, list[Any]] = {ports["metrics"]: [policy["metricsFrom"] or None]}
+        if stage == "gateway":
+            for name in ("grpc", "http"):
+                if name in ports:
+                    expected[ports[name]] = [policy["gatewayFrom"] or None]
+        else:
+            expected[ports["grpc"]] = [[gateway_peer, *policy["stageFrom"]]]
+        if allowed != expected:
+            problems.append(f"NetworkPolicy {stage}: allows {allowed}, expected {expected}")
+        if stage != "gateway" and any(f is None for f in allowed.get(ports["grpc"], [])):
+            problems.append(f"NetworkPolicy {stage}: its gRPC port is open to anyone")
+    return problems
+
+
+def check_pod_security(objects: list[Manifest], values: dict) -> list[str]:
+    """Every container of every stage: non-root, read-only root filesystem, no privilege escalation, all
+    capabilities dropped, seccomp RuntimeDefault; no host namespaces; no service-account token."""
+    problems: list[str] = []
+    for deployment in of_kind(objects, "Deployment"):
+        stage = component(deployment)
+        pod = deployment["spec"]["template"]["spec"]
+        pod_context = pod.get("securityContext") or {}
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{stage}: automountServiceAccountToken must be false (the services never call the API)")
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(key):
+                problems.append(f"{stage}: {key} must be off")
+        if pod_context.get("runAsUser") == 0 or pod_context.get("runAsGroup") == 0:
+            problems.append(f"{stage}: pod runs as root")
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            name = f"{stage}/{container['name']}"
+            context = container.get("securityContext") or {}
+            if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+                problems.append(f"{name}: runAsNonRoot must be true")
+            if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+                problems.append(f"{name}: runs as root")
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: readOnlyRootFilesystem must be true")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: allowPrivilegeEscalation must be false")
+            if context.get("privileged"):
+                problems.append(f"{name}: must not be privileged")
+            capabilities = context.get("capabilities") or {}
+            if "ALL" not in (capabilities.get("drop") or []) or capabilities.get("add"):
+                problems.append(f"{name}: must drop ALL capabilities and add none")
+            seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
+            if seccomp.get("type") != "RuntimeDefault":
+                problems.append(f"{name}: seccompProfile must be RuntimeDefault")
+    for account in of_kind(objects, "ServiceAccount"):
+        if account.get("automountServiceAccountToken") is not False:
+            problems.append(f"ServiceAccount/{account['metadata']['name']}: automountServiceAccountToken must be false")
+    if values["serviceAccount"]["create"] and not of_kind(objects, "ServiceAccount"):
+        problems.append("serviceAccount.create is on but no ServiceAccount is rendered")
     return problems
 
 
@@ -772,6 +1211,22 @@ def main() -> int:
         report.run(
             f"[{name}] labels, selectors, probes, GPUs, services, autoscaling, monitors",
             lambda objects=objects, merged=merged: check_objects(objects, merged),
+        )
+        report.run(
+            f"[{name}] TLS/mTLS: flags, Secrets mounted as directories, probes, cert-manager Certificates",
+            lambda objects=objects, merged=merged: check_tls(objects, merged),
+        )
+        report.run(
+            f"[{name}] API keys: digests-only Secret, mounted as a directory, per-key limits",
+            lambda objects=objects, merged=merged: check_api_keys(objects, merged),
+        )
+        report.run(
+            f"[{name}] NetworkPolicies: stages reachable from the gateway only, metrics from the scraper",
+            lambda objects=objects, merged=merged: check_network_policies(objects, merged),
+        )
+        report.run(
+            f"[{name}] pods locked down: non-root, read-only root, no capabilities, seccomp, no token",
+            lambda objects=objects, merged=merged: check_pod_security(objects, merged),
         )
     report.run(
         "upgrading one stage's image tag changes only that stage (defaults)",

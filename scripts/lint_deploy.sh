@@ -5,8 +5,9 @@
 #     the default values and with each examples/*.yaml, values.schema.json (valid, and rejecting bad
 #     values such as `tag: latest`), `helm template` of several value sets validated against the
 #     Kubernetes API schemas, the chart's own rules (labels, selectors, probes, GPUs, headless
-#     Services, autoscalers, monitors), and that bumping one stage's image tag changes only that
-#     stage's objects.
+#     Services, autoscalers, monitors; TLS and mutual TLS, cert-manager Certificates, API key
+#     Secrets, NetworkPolicies, locked-down pods), and that bumping one stage's image tag changes
+#     only that stage's objects.
 # Helm runs in-process through helm-python-sdk (Helm's Go SDK; no helm binary, no cluster).
 # Re-runs with an unchanged tool list skip the install (stamp file). Exit status 0 = all clean.
 set -euo pipefail

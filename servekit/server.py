@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from servekit.errors import ErrorInterceptor
+from servekit.tls import server_credentials
 from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class ServerOptions:
     shutdown_grace_seconds: float
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # with it, clients must show a certificate this CA bundle verifies
     health_check_seconds: float = 5.0  # how often ServiceSpec.check runs once loaded
     # Condition images come inline in requests: a message may hold every one at its largest.
     max_message_bytes: int = max_message_bytes(Limits())
@@ -131,8 +133,7 @@ class RunningServer:
 def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
     if not options.tls_cert_file:
         return None
-    with open(options.tls_cert_file, "rb") as cert, open(options.tls_key_file, "rb") as key:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+    return server_credentials(options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file)
 
 
 async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServer:

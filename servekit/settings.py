@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from servekit.server import ServerOptions
+from servekit.tls import read_pem
 from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class ServerSettings:
     shutdown_grace_seconds: float = option(30.0, "seconds in-flight requests may finish after SIGTERM")
     tls_cert_file: str = option("", "PEM certificate chain: serve TLS instead of plaintext")
     tls_key_file: str = option("", "PEM private key for --tls-cert-file")
+    tls_client_ca_file: str = option(
+        "", "PEM CA bundle: require client certificates it verifies (mutual TLS; needs --tls-cert-file)"
+    )
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
     health_check_seconds: float = option(5.0, "how often the engine's own health is checked once loaded")
     min_side: int = option(Limits.min_side, "smallest width/height in pixels (a multiple of 32)")
@@ -50,6 +54,10 @@ class ServerSettings:
     def validate(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        if self.tls_cert_file:
+            read_pem(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)  # raises naming the bad file
         if self.shutdown_grace_seconds < 0:
             raise ValueError("--shutdown-grace-seconds must be >= 0")
         if self.health_check_seconds <= 0:
@@ -75,6 +83,7 @@ class ServerSettings:
             shutdown_grace_seconds=self.shutdown_grace_seconds,
             tls_cert_file=self.tls_cert_file,
             tls_key_file=self.tls_key_file,
+            tls_client_ca_file=self.tls_client_ca_file,
             health_check_seconds=self.health_check_seconds,
             max_message_bytes=max_message_bytes(self.limits()),
         )

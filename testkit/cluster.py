@@ -99,6 +99,8 @@ class Cluster:
     gateway_args: list[str] = field(default_factory=list)
     stage_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags per stage kind
     stage_env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per stage kind
+    # healthcheck.check's TLS arguments per kind (planner, decoder, gateway) that serves TLS
+    probe_tls: dict[str, dict[str, str]] = field(default_factory=dict)
     behind_names: bool = False
     services: list[Service] = field(default_factory=list)
 
@@ -121,6 +123,10 @@ class Cluster:
     def stage_name(self, kind: str) -> str:
         """The name the stage's pods are published under (unique per cluster)."""
         return STAGE_NAMES[kind].format(self.hosts.marker.rsplit(" ", 1)[-1])
+
+    @staticmethod
+    def kind(service: Service) -> str:
+        return service.name.rstrip("0123456789")
 
     def pods(self, kind: str) -> list[Service]:
         return [s for s in self.services if s.name.startswith(kind)]
@@ -155,7 +161,7 @@ class Cluster:
 
     def publish(self, pod: Service) -> None:
         if self.hosts is not None:
-            self.hosts.add(pod.host, self.stage_name(pod.name.rstrip("0123456789")))
+            self.hosts.add(pod.host, self.stage_name(self.kind(pod)))
 
     def unpublish(self, pod: Service) -> None:
         if self.hosts is not None:
@@ -166,7 +172,7 @@ class Cluster:
 
     def wait_ready(self, services: list[Service], timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
-        while not all(check(s.address, timeout=1) for s in services):
+        while not all(check(s.address, timeout=1, **self.probe_tls.get(self.kind(s), {})) for s in services):
             dead = [s for s in services if not s.alive()]
             if dead or time.monotonic() > deadline:
                 reason = f"{dead[0].name} exited" if dead else "not ready in time"

@@ -27,11 +27,11 @@ API_KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def cluster(model_dir, tmp_path_factory):
-    key_file = tmp_path_factory.mktemp("http") / "api-key"
-    key_file.write_text(API_KEY + "\n")
+    key_file = tmp_path_factory.mktemp("http") / "api-keys"
+    key_file.write_text(f"sha256:{hashlib.sha256(API_KEY.encode()).hexdigest()} tests\n")
     http_port = free_port()
     with Cluster(str(model_dir), engine="transformers",
-                 gateway_args=["--http-port", str(http_port), "--http-api-key-file", str(key_file)]) as running:  # fmt: skip
+                 gateway_args=["--http-port", str(http_port), "--api-keys-file", str(key_file)]) as running:  # fmt: skip
         running.http_port = http_port
         yield running
 
@@ -54,7 +54,7 @@ def sha256(b64: str) -> str:
 
 
 def grpc_image(cluster, seed: int, **fields) -> bytes:
-    with ImageClient(cluster.gateway.address) as grpc_client:
+    with ImageClient(cluster.gateway.address, api_key=API_KEY) as grpc_client:
         return grpc_client.generate(PROMPT, 256, 256, seed=seed, num_inference_steps=2, **fields).image
 
 

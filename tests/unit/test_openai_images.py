@@ -7,6 +7,7 @@ from google.rpc import error_details_pb2
 from pydantic import ValidationError
 
 from gateway import openai_images
+from gateway.auth import Unauthenticated
 from gateway.openai_images import ImageRequest, generate_requests
 from glmimage.v1 import common_pb2
 from servekit.errors import (
@@ -115,7 +116,7 @@ def packed(*messages) -> list[any_pb2.Any]:
     [
         (InvalidRequest("width must be ...", "width"), 400, "invalid_request_error", "invalid_request", "size", None),
         (InvalidRequest("bad", "previews"), 400, "invalid_request_error", "invalid_request", "partial_images", None),
-        (openai_images.Unauthenticated("key"), 401, "authentication_error", "invalid_api_key", None, None),
+        (Unauthenticated("key"), 401, "authentication_error", "invalid_api_key", None, None),
         (openai_images.ModelNotFound("m"), 404, "invalid_request_error", "model_not_found", None, None),
         (Overloaded("full"), 429, "rate_limit_error", "overloaded", None, "1"),
         (Unavailable("decoder: none"), 503, "server_error", "no_replica", None, "5"),

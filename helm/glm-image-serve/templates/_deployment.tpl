@@ -5,15 +5,14 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 */}}
 
 {{- define "glm-image-serve.tlsDir" -}}/etc/glm-image-serve/tls{{- end }}
+{{- define "glm-image-serve.caDir" -}}/etc/glm-image-serve/ca{{- end }}
 {{- define "glm-image-serve.stageCADir" -}}/etc/glm-image-serve/stage-ca{{- end }}
-{{- define "glm-image-serve.httpKeyDir" -}}/etc/glm-image-serve/http-api-key{{- end }}
+{{- define "glm-image-serve.stageClientDir" -}}/etc/glm-image-serve/stage-client{{- end }}
+{{- define "glm-image-serve.apiKeysDir" -}}/etc/glm-image-serve/api-keys{{- end }}
 
-{{/* Does this stage (the gateway) serve the OpenAI-compatible HTTP API, and with an API key? */}}
+{{/* Does this stage (the gateway) serve the OpenAI-compatible HTTP API? */}}
 {{- define "glm-image-serve.http" -}}
 {{- if eq .component "gateway" }}{{ if .root.Values.gateway.http.enabled }}true{{ end }}{{ end }}
-{{- end }}
-{{- define "glm-image-serve.httpKey" -}}
-{{- if include "glm-image-serve.http" . }}{{ if .root.Values.gateway.http.apiKeySecret.name }}true{{ end }}{{ end }}
 {{- end }}
 
 {{/* Does this stage load the model? */}}
@@ -21,13 +20,104 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 {{- if ne .component "gateway" }}true{{ end }}
 {{- end }}
 
-{{/* Is TLS on between the gateway and the two stages? Fails when only one stage has it. */}}
+{{/* Is TLS on between the gateway and the two stages (`tls.enabled`)? Takes the chart context. */}}
 {{- define "glm-image-serve.stageTLS" -}}
-{{- $values := .Values }}
-{{- if ne (toString $values.planner.tls.enabled) (toString $values.decoder.tls.enabled) }}
-{{- fail "planner.tls.enabled and decoder.tls.enabled must be equal: the gateway verifies both stages with one CA (--stage-tls-ca-file)" }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.mutual (not $tls.enabled) }}
+{{- fail "tls.mutual needs tls.enabled: client certificates are checked on TLS connections only" }}
 {{- end }}
-{{- if $values.planner.tls.enabled }}true{{ end }}
+{{- if $tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Mutual TLS: planner and decoder require a client certificate (`tls.mutual`). Takes the chart context. */}}
+{{- define "glm-image-serve.mutualTLS" -}}
+{{- if and (include "glm-image-serve.stageTLS" .) .Values.tls.mutual }}true{{ end }}
+{{- end }}
+
+{{/* Does this stage serve TLS? planner and decoder: `tls.enabled`; the gateway's public listener: `gateway.tls.enabled`. */}}
+{{- define "glm-image-serve.servesTLS" -}}
+{{- if eq .component "gateway" }}
+{{- if .root.Values.gateway.tls.enabled }}true{{ end }}
+{{- else if include "glm-image-serve.stageTLS" .root }}true{{ end }}
+{{- end }}
+
+{{/* The existing Secret named for this stage's serving certificate ("" = none named). */}}
+{{- define "glm-image-serve.existingTLSSecret" -}}
+{{- if eq .component "gateway" }}
+{{- .root.Values.gateway.tls.secretName }}
+{{- else }}
+{{- (index .root.Values.tls .component).secretName }}
+{{- end }}
+{{- end }}
+
+{{/* Does the chart issue this stage's serving certificate with cert-manager? */}}
+{{- define "glm-image-serve.issuesServingCert" -}}
+{{- if and (include "glm-image-serve.servesTLS" .) .root.Values.tls.certManager.enabled (not (include "glm-image-serve.existingTLSSecret" .)) }}true{{ end }}
+{{- end }}
+
+{{/* Secret of this stage's serving certificate: the one named in values, else the chart's Certificate's. */}}
+{{- define "glm-image-serve.tlsSecretName" -}}
+{{- $existing := include "glm-image-serve.existingTLSSecret" . }}
+{{- if $existing }}
+{{- $existing }}
+{{- else if .root.Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "glm-image-serve.componentName" .) }}
+{{- else if eq .component "gateway" }}
+{{- fail "gateway.tls.secretName is required when gateway.tls.enabled (or enable tls.certManager to issue it)" }}
+{{- else }}
+{{- fail (printf "tls.%s.secretName is required when tls.enabled (or enable tls.certManager to issue it)" .component) }}
+{{- end }}
+{{- end }}
+
+{{/* Does the chart issue the gateway's client certificate (mutual TLS) with cert-manager? Takes the chart context. */}}
+{{- define "glm-image-serve.issuesClientCert" -}}
+{{- if and (include "glm-image-serve.mutualTLS" .) .Values.tls.certManager.enabled (not .Values.tls.gatewayClient.secretName) }}true{{ end }}
+{{- end }}
+
+{{/* Secret of the gateway's client certificate (mutual TLS). Takes the chart context. */}}
+{{- define "glm-image-serve.clientSecretName" -}}
+{{- if .Values.tls.gatewayClient.secretName }}
+{{- .Values.tls.gatewayClient.secretName }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- printf "%s-client-tls" (include "glm-image-serve.componentName" (dict "root" . "component" "gateway")) }}
+{{- else }}
+{{- fail "tls.gatewayClient.secretName is required when tls.mutual (or enable tls.certManager to issue it)" }}
+{{- end }}
+{{- end }}
+
+{{/* CA file a planner or decoder pod trusts (client certificates, its own probes). */}}
+{{- define "glm-image-serve.caFile" -}}
+{{- if .root.Values.tls.ca.secretName }}
+{{- printf "%s/ca.crt" (include "glm-image-serve.caDir" .) }}
+{{- else }}
+{{- printf "%s/ca.crt" (include "glm-image-serve.tlsDir" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret the gateway takes the stages' CA from: tls.ca, else its client certificate's, else the planner's. */}}
+{{- define "glm-image-serve.stageCASecretName" -}}
+{{- if .Values.tls.ca.secretName }}
+{{- .Values.tls.ca.secretName }}
+{{- else if include "glm-image-serve.mutualTLS" . }}
+{{- include "glm-image-serve.clientSecretName" . }}
+{{- else }}
+{{- include "glm-image-serve.tlsSecretName" (dict "root" . "component" "planner") }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the gateway's API key digests ("" = no keys: the gateway is open). Takes the chart context. */}}
+{{- define "glm-image-serve.apiKeysSecretName" -}}
+{{- $keys := .Values.gateway.apiKeys }}
+{{- if and $keys.existingSecret $keys.entries }}
+{{- fail "gateway.apiKeys: set existingSecret or entries, not both" }}
+{{- end }}
+{{- if $keys.existingSecret }}
+{{- $keys.existingSecret }}
+{{- else if $keys.entries }}
+{{- printf "%s-api-keys" (include "glm-image-serve.componentName" (dict "root" . "component" "gateway")) }}
+{{- else if or (gt (int $keys.requestsPerMinute) 0) (gt (int $keys.maxInFlight) 0) }}
+{{- fail "gateway.apiKeys.requestsPerMinute and maxInFlight are per API key: set gateway.apiKeys.existingSecret or entries" }}
+{{- end }}
 {{- end }}
 
 {{/* DNS name a client verifies this stage's certificate against. */}}
@@ -37,6 +127,19 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 {{- else }}
 {{- include "glm-image-serve.headlessFQDN" . }}
 {{- end }}
+{{- end }}
+
+{{/* The four names of a stage's Service (<svc>, <svc>.<ns>, <svc>.<ns>.svc, <svc>.<ns>.svc.<domain>), one a line. */}}
+{{- define "glm-image-serve.serviceDNSNames" -}}
+{{- $service := include "glm-image-serve.headlessName" . }}
+{{- if eq .component "gateway" }}
+{{- $service = include "glm-image-serve.componentName" . }}
+{{- end }}
+{{- $namespace := .root.Release.Namespace }}
+- {{ $service }}
+- {{ $service }}.{{ $namespace }}
+- {{ $service }}.{{ $namespace }}.svc
+- {{ $service }}.{{ $namespace }}.svc.{{ .root.Values.clusterDomain }}
 {{- end }}
 
 {{/* Server flags of a stage, then its own flags, then extraArgs (last, so they win). */}}
@@ -49,7 +152,7 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 - --port={{ $stage.port }}
 - --metrics-port={{ $stage.metrics.port }}
 - --shutdown-grace-seconds={{ $stage.shutdownGraceSeconds }}
-{{- if $stage.tls.enabled }}
+{{- if include "glm-image-serve.servesTLS" . }}
 - --tls-cert-file={{ include "glm-image-serve.tlsDir" . }}/tls.crt
 - --tls-key-file={{ include "glm-image-serve.tlsDir" . }}/tls.key
 {{- end }}
@@ -57,7 +160,11 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 - --engine={{ $stage.engine }}
 {{- else if eq .component "decoder" }}
 - --device={{ $stage.device }}
-{{- else if eq .component "gateway" }}
+{{- end }}
+{{- if and (ne .component "gateway") (include "glm-image-serve.mutualTLS" $root) }}
+- --tls-client-ca-file={{ include "glm-image-serve.caFile" . }}
+{{- end }}
+{{- if eq .component "gateway" }}
 {{- $planner := dict "root" $root "component" "planner" }}
 {{- $decoder := dict "root" $root "component" "decoder" }}
 {{- $plannerTargets := $stage.plannerTargets | default (list (printf "dns:///%s:%v" (include "glm-image-serve.headlessFQDN" $planner) $root.Values.planner.port)) }}
@@ -67,12 +174,22 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 {{- if include "glm-image-serve.stageTLS" $root }}
 - --stage-tls-ca-file={{ include "glm-image-serve.stageCADir" . }}/ca.crt
 {{- end }}
+{{- if include "glm-image-serve.mutualTLS" $root }}
+- --stage-tls-cert-file={{ include "glm-image-serve.stageClientDir" . }}/tls.crt
+- --stage-tls-key-file={{ include "glm-image-serve.stageClientDir" . }}/tls.key
+{{- end }}
 {{- if include "glm-image-serve.http" . }}
 - --http-port={{ $stage.http.port }}
 - --served-model-name={{ $stage.http.servedModelName }}
 {{- end }}
-{{- if include "glm-image-serve.httpKey" . }}
-- --http-api-key-file={{ include "glm-image-serve.httpKeyDir" . }}/api-key
+{{- if include "glm-image-serve.apiKeysSecretName" $root }}
+- --api-keys-file={{ include "glm-image-serve.apiKeysDir" . }}/{{ $stage.apiKeys.secretKey }}
+{{- if gt (int $stage.apiKeys.requestsPerMinute) 0 }}
+- --key-requests-per-minute={{ $stage.apiKeys.requestsPerMinute }}
+{{- end }}
+{{- if gt (int $stage.apiKeys.maxInFlight) 0 }}
+- --key-max-in-flight={{ $stage.apiKeys.maxInFlight }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- range $stage.extraArgs }}
@@ -83,13 +200,14 @@ list (glm-image-serve.args) and whether the pod mounts the model (planner and de
 {{/*
 One probe: dict "ctx" (root+component) "probe" (its values) "kind" (startup|readiness|liveness).
 Native gRPC probes (grpc.health.v1) in plaintext. The kubelet's gRPC probe cannot speak TLS, so a
-stage serving TLS is probed by the image's own health client over loopback instead.
+stage serving TLS is probed by the image's own health client over loopback instead; with mutual
+TLS it presents the pod's own certificate (issued for server and client auth) as client certificate.
 */}}
 {{- define "glm-image-serve.probe" -}}
 {{- $ctx := .ctx }}
 {{- $stage := index $ctx.root.Values $ctx.component }}
 {{- $probe := .probe }}
-{{- if $stage.tls.enabled }}
+{{- if include "glm-image-serve.servesTLS" $ctx }}
 exec:
   command:
     - python
@@ -97,8 +215,16 @@ exec:
     - servekit.healthcheck
     - --address=127.0.0.1:{{ $stage.port }}
     - --service={{ $probe.service }}
+    {{- if eq $ctx.component "gateway" }}
     - --tls-ca-file={{ include "glm-image-serve.tlsDir" $ctx }}/ca.crt
+    {{- else }}
+    - --tls-ca-file={{ include "glm-image-serve.caFile" $ctx }}
+    {{- end }}
     - --tls-server-name={{ include "glm-image-serve.tlsServerName" $ctx }}
+    {{- if and (ne $ctx.component "gateway") (include "glm-image-serve.mutualTLS" $ctx.root) }}
+    - --tls-cert-file={{ include "glm-image-serve.tlsDir" $ctx }}/tls.crt
+    - --tls-key-file={{ include "glm-image-serve.tlsDir" $ctx }}/tls.key
+    {{- end }}
 {{- else }}
 grpc:
   port: {{ $stage.port }}
@@ -223,16 +349,18 @@ successThreshold: {{ $probe.successThreshold | default 1 }}
 {{- if and $usesModel (ne $modelPath $mountPath) (not (hasPrefix (printf "%s/" $mountPath) $modelPath)) }}
 {{- fail (printf "model.path (%s) must lie under model.mountPath (%s)" $root.Values.model.path $root.Values.model.mountPath) }}
 {{- end }}
-{{- if and $stage.tls.enabled (not $stage.tls.secretName) }}
-{{- fail (printf "%s.tls.secretName is required when %s.tls.enabled" $component $component) }}
+{{- $servesTLS := include "glm-image-serve.servesTLS" $ctx }}
+{{- $tlsSecret := "" }}
+{{- if $servesTLS }}
+{{- $tlsSecret = include "glm-image-serve.tlsSecretName" $ctx }}
 {{- end }}
-{{- $stageTLS := and (eq $component "gateway") (include "glm-image-serve.stageTLS" $root) }}
-{{- $caSecret := "" }}
-{{- if $stageTLS }}
-{{- $caSecret = default $root.Values.planner.tls.secretName $stage.stageTLS.caSecretName }}
-{{- if not $caSecret }}
-{{- fail "gateway.stageTLS.caSecretName (or planner.tls.secretName) is required when planner and decoder serve TLS" }}
-{{- end }}
+{{- $isGateway := eq $component "gateway" }}
+{{- $stageTLS := and $isGateway (include "glm-image-serve.stageTLS" $root) }}
+{{- $clientTLS := and $isGateway (include "glm-image-serve.mutualTLS" $root) }}
+{{- $caVolume := and (not $isGateway) $servesTLS $root.Values.tls.ca.secretName }}
+{{- $apiKeysSecret := "" }}
+{{- if $isGateway }}
+{{- $apiKeysSecret = include "glm-image-serve.apiKeysSecretName" $root }}
 {{- end }}
 apiVersion: apps/v1
 kind: Deployment
@@ -362,9 +490,16 @@ spec:
             - name: dshm
               mountPath: /dev/shm
             {{- end }}
-            {{- if $stage.tls.enabled }}
+            # Secrets are mounted as directories (never subPath), so rotated files reach the running
+            # services, which reload them.
+            {{- if $servesTLS }}
             - name: tls
               mountPath: {{ include "glm-image-serve.tlsDir" $ctx }}
+              readOnly: true
+            {{- end }}
+            {{- if $caVolume }}
+            - name: tls-ca
+              mountPath: {{ include "glm-image-serve.caDir" $ctx }}
               readOnly: true
             {{- end }}
             {{- if $stageTLS }}
@@ -372,9 +507,14 @@ spec:
               mountPath: {{ include "glm-image-serve.stageCADir" $ctx }}
               readOnly: true
             {{- end }}
-            {{- if include "glm-image-serve.httpKey" $ctx }}
-            - name: http-api-key
-              mountPath: {{ include "glm-image-serve.httpKeyDir" $ctx }}
+            {{- if $clientTLS }}
+            - name: stage-client
+              mountPath: {{ include "glm-image-serve.stageClientDir" $ctx }}
+              readOnly: true
+            {{- end }}
+            {{- if $apiKeysSecret }}
+            - name: api-keys
+              mountPath: {{ include "glm-image-serve.apiKeysDir" $ctx }}
               readOnly: true
             {{- end }}
             {{- with $stage.extraVolumeMounts }}
@@ -395,29 +535,41 @@ spec:
             medium: Memory
             sizeLimit: {{ $stage.shmSizeLimit }}
         {{- end }}
-        {{- if $stage.tls.enabled }}
+        {{- if $servesTLS }}
         - name: tls
           secret:
-            secretName: {{ $stage.tls.secretName }}
+            secretName: {{ $tlsSecret }}
             defaultMode: 0440
+        {{- end }}
+        {{- if $caVolume }}
+        - name: tls-ca
+          secret:
+            secretName: {{ $root.Values.tls.ca.secretName }}
+            defaultMode: 0440
+            items:
+              - key: {{ $root.Values.tls.ca.key }}
+                path: ca.crt
         {{- end }}
         {{- if $stageTLS }}
         - name: stage-ca
           secret:
-            secretName: {{ $caSecret }}
+            secretName: {{ include "glm-image-serve.stageCASecretName" $root }}
             defaultMode: 0440
             items:
-              - key: {{ $stage.stageTLS.caKey }}
+              - key: {{ ternary $root.Values.tls.ca.key "ca.crt" (ne $root.Values.tls.ca.secretName "") }}
                 path: ca.crt
         {{- end }}
-        {{- if include "glm-image-serve.httpKey" $ctx }}
-        - name: http-api-key
+        {{- if $clientTLS }}
+        - name: stage-client
           secret:
-            secretName: {{ $stage.http.apiKeySecret.name }}
+            secretName: {{ include "glm-image-serve.clientSecretName" $root }}
             defaultMode: 0440
-            items:
-              - key: {{ $stage.http.apiKeySecret.key }}
-                path: api-key
+        {{- end }}
+        {{- if $apiKeysSecret }}
+        - name: api-keys
+          secret:
+            secretName: {{ $apiKeysSecret }}
+            defaultMode: 0440
         {{- end }}
         {{- with $stage.extraVolumes }}
         {{- toYaml . | nindent 8 }}
