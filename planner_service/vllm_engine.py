@@ -20,7 +20,6 @@ vLLM's, each only when its flag is absent:
   environment VLLM_HOST_IP=127.0.0.1 (no network lookup) and VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache).
 """
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -88,11 +87,10 @@ def parse_engine_args(model_dir: str, argv: list[str], limits: Limits):
 
     parser = AsyncEngineArgs.add_cli_args(Parser(prog="python -m planner_service", add_help=False))
     namespace = parser.parse_args(argv)
+    # The flags given explicitly: parsed again with every default replaced by a marker.
     unset = object()
-    given = parser.parse_args(
-        argv, argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
-    )
-    explicit = {name for name, value in vars(given).items() if value is not unset}
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    explicit = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
 
     root = Path(model_dir)
     namespace.model = str(root / "vision_language_encoder")

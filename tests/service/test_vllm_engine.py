@@ -260,8 +260,10 @@ def test_engine_flags_are_vllms_own(model_dir):
     assert args.max_model_len == context_length(str(model_dir), Limits()) == 9216  # 4,353 + 4,000 tokens and more
     smaller = make_engine(PlannerSettings(model=str(model_dir), engine="vllm", max_side=1024), [])
     assert smaller.engine_args.max_model_len == 6144
-    explicit = make_engine(planner_settings(model_dir), ["--dtype", "bfloat16", "--max-model-len", "2048"])
-    assert (explicit.engine_args.dtype, explicit.engine_args.max_model_len) == ("bfloat16", 2048)
+    explicit = make_engine(planner_settings(model_dir), ["--dtype", "bfloat16", "--max-model-len", "2048",
+                                                         "--no-enforce-eager"])  # fmt: skip
+    args = explicit.engine_args
+    assert (args.dtype, args.max_model_len, args.enforce_eager) == ("bfloat16", 2048, False)
     with pytest.raises(SystemExit, match="unrecognized arguments: --no-such-flag"):
         make_engine(planner_settings(model_dir), ["--no-such-flag", "1"])
 
