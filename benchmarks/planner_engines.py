@@ -1,7 +1,9 @@
-"""Plan throughput and time to first token: the vLLM engine against the transformers engine.
+"""Plan throughput and time to first token: the vLLM engine against the transformers engine, and
+against vLLM's own ceiling.
 
     python benchmarks/planner_engines.py [--model DIR] [--size 512x512] [--concurrency 1 8] [--plans 8]
-                                         [--rounds 3] [--vllm-args "VLLM FLAGS"]
+                                         [--rounds 3] [--engines transformers vllm vllm-plain]
+                                         [--vllm-args "VLLM FLAGS"]
 
 Both engines run in this process behind the planner's engine interface (prepare + generate), on the
 same model and machine; vLLM runs as in production (its engine core and model worker in spawned
@@ -10,6 +12,12 @@ concurrency C, C plans are submitted at once and kept in flight until --plans ar
 take turns, round after round, so that a change in the machine's load hits both; each figure is
 the median over the rounds. Prints plan tokens/s, time to first token (median and worst, from
 submission), and vLLM's throughput relative to transformers'.
+
+`vllm-plain` is the ceiling: vLLM's own Glm4ForCausalLM (no plugin, linear positions) built from the
+checkpoint's text config and weights, its vocabulary cut to the codebook head's (so that its head is
+the same matrix), generating the same number of tokens after a prompt of the same length. The
+project's engine over it is what GLM-Image's positions, the padded codebook head and the codebook-only
+sampling cost on top of vLLM itself.
 """
 
 import argparse
@@ -28,7 +36,7 @@ from planner_service.engine import PlanEngine, PlanJob, Sampling  # noqa: E402
 from servekit.validation import Limits  # noqa: E402
 
 PROMPT = "a poster that says 'HELLO', in warm colours"
-ENGINES = ("transformers", "vllm")
+ENGINES = ("transformers", "vllm", "vllm-plain")
 
 
 @dataclass
@@ -66,7 +74,99 @@ async def run(engine: PlanEngine, concurrency: int, plans: int, width: int, heig
     return Run(sum(t for t, _ in done), time.perf_counter() - started, [f for _, f in done])
 
 
+def write_plain_glm4(model_dir: str, out: Path) -> int:
+    """The AR's decoder stack as a plain GLM-4 checkpoint: same layers and head, vocabulary = the head's
+    (returned)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import Glm4Config, GlmImageConfig
+
+    text = GlmImageConfig.from_pretrained(Path(model_dir, "vision_language_encoder")).text_config
+    vocab = text.vision_vocab_size
+    rope = dict(text.rope_parameters)
+    rope.pop("mrope_section", None)
+    config = Glm4Config(
+        vocab_size=vocab, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=text.hidden_size // text.num_attention_heads,
+        max_position_embeddings=text.max_position_embeddings, rms_norm_eps=text.rms_norm_eps,
+        attention_bias=text.attention_bias, rope_parameters=rope, pad_token_id=0, eos_token_id=vocab - 1,
+        dtype=text.dtype, architectures=["Glm4ForCausalLM"],
+    )  # fmt: skip
+    state = {}
+    folder = Path(model_dir, "vision_language_encoder")
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                if key.startswith("model.language_model."):
+                    state["model." + key.removeprefix("model.language_model.")] = weights.get_tensor(key)
+                elif key == "lm_head.weight":
+                    state[key] = weights.get_tensor(key)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:vocab].contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return vocab
+
+
+class PlainGlm4Engine(PlanEngine):
+    """vLLM's Glm4ForCausalLM behind the planner's engine interface: each job's prompt length and plan
+    length as the project's engine would have them, its sampling from the same generation config."""
+
+    name = "vllm-plain"
+    default_max_in_flight = 64
+
+    def __init__(self, model_dir: str, vllm_args: list[str]):
+        from planner_service.vllm_engine import parse_engine_args
+
+        self.model_dir = model_dir
+        self.engine_args = parse_engine_args(model_dir, vllm_args, Limits())
+        self.engine_args.model = self.engine_args.tokenizer = str(REPO / ".cache" / "plain-glm4")
+        self.engine = None
+
+    async def start(self) -> None:
+        from transformers import GenerationConfig, GlmImageProcessor
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.vocab = write_plain_glm4(self.model_dir, Path(self.engine_args.model))
+        self.processor = GlmImageProcessor.from_pretrained(f"{self.model_dir}/processor")
+        self.generation = GenerationConfig.from_pretrained(f"{self.model_dir}/vision_language_encoder")
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        self.requests = 0
+
+    async def prepare(self, job: PlanJob):
+        from planner_service.inputs import build_inputs
+
+        inputs, layout = build_inputs(self.processor, job.prompt, job.width, job.height, [])
+        # the same length; any ids inside the cut vocabulary will do
+        job.engine_inputs = {"prompt_token_ids": [i % self.vocab for i in inputs["input_ids"][0].tolist()]}
+        return layout
+
+    async def generate(self, job: PlanJob, layout):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.requests += 1
+        params = SamplingParams(
+            temperature=self.generation.temperature, top_p=self.generation.top_p, top_k=self.generation.top_k or 0,
+            max_tokens=layout.total_tokens, min_tokens=layout.total_tokens, ignore_eos=True, seed=job.seed,
+            output_kind=RequestOutputKind.DELTA, detokenize=False,
+        )  # fmt: skip
+        async for output in self.engine.generate(job.engine_inputs, params, f"{job.request_id}-{self.requests}"):
+            if tokens := list(output.outputs[0].token_ids):
+                yield tokens
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
 def make(name: str, model_dir: str, vllm_args: list[str]) -> PlanEngine:
+    if name == "vllm-plain":
+        return PlainGlm4Engine(model_dir, vllm_args)
     if name == "vllm":
         from planner_service.vllm_engine import VllmEngine
 
@@ -118,9 +218,10 @@ def report(runs: dict[tuple[str, int], list[Run]], args) -> None:
             f"{first * 1000:>7.0f}ms {worst * 1000:>7.0f}ms"
         )
     for concurrency in args.concurrency:
-        if ("vllm", concurrency) in throughput and ("transformers", concurrency) in throughput:
-            ratio = throughput["vllm", concurrency] / throughput["transformers", concurrency]
-            print(f"concurrency {concurrency}: vllm / transformers throughput = {ratio:.2f}x")
+        for baseline in ("transformers", "vllm-plain"):
+            if ("vllm", concurrency) in throughput and (baseline, concurrency) in throughput:
+                ratio = throughput["vllm", concurrency] / throughput[baseline, concurrency]
+                print(f"concurrency {concurrency}: vllm / {baseline} throughput = {ratio:.2f}x")
 
 
 def main() -> None:
