@@ -16,6 +16,8 @@ time with and without them (--latency-requests each).
 import argparse
 import collections
 import concurrent.futures
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -23,6 +25,7 @@ import shlex
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -39,41 +42,51 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def poisson_gaps(jobs: int, rate: float) -> list[float]:
+    """Seconds before each of `jobs` arrivals at `rate`/s (seeded: benchmarks/fleet_sim.py replays them)."""
+    arrivals = random.Random(0)
+    return [arrivals.expovariate(rate) for _ in range(jobs)]
+
+
 def run_pool(jobs: int, concurrency: int, work, rate: float = 0.0) -> float:
     """Runs work(i) for i < jobs with at most `concurrency` at once (or arriving at `rate`/s, Poisson);
     returns the wall seconds."""
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(concurrency, 1) if not rate else jobs) as pool:
         futures = []
-        arrivals = random.Random(0)
-        for i in range(jobs):
-            if rate:
-                time.sleep(arrivals.expovariate(rate))
+        for i, at in enumerate(itertools.accumulate(poisson_gaps(jobs, rate)) if rate else [0.0] * jobs):
+            time.sleep(max(0.0, started + at - time.perf_counter()))  # on schedule: late wake-ups do not add up
             futures.append(pool.submit(work, i))
         for future in futures:
             future.result()
     return time.perf_counter() - started
 
 
-def planner_only(cluster: Cluster, args, width: int, height: int) -> tuple[float, list[list]]:
-    """Plans/s with C streams spread over the planner pods; the plans, kept for the decoders."""
+def planner_only(cluster: Cluster, args, width: int, height: int) -> tuple[float, list[list], list[float]]:
+    """Plans/s with C streams spread over the planner pods; the plans, kept for the decoders; each
+    plan's seconds."""
     channels = [grpc.insecure_channel(p.address) for p in cluster.pods("planner")]
     stubs = [planner_pb2_grpc.PlannerServiceStub(c) for c in channels]
     plans: list[list] = [None] * args.requests
+    seconds = [0.0] * args.requests
 
     def plan(i: int) -> None:
+        started = time.perf_counter()
         request = planner_pb2.PlanRequest(prompt=PROMPT, width=width, height=height, seed=i)
         plans[i] = list(stubs[i % len(stubs)].Plan(request, timeout=600))
+        seconds[i] = time.perf_counter() - started
 
     wall = run_pool(args.requests, args.concurrency, plan)
     for c in channels:
         c.close()
-    return args.requests / wall, plans
+    return args.requests / wall, plans, seconds
 
 
-def decoder_only(cluster: Cluster, args, plans: list[list], width: int, height: int) -> float:
-    """Images/s of one decoder pod fed stored plans, two calls in flight so that it never waits."""
+def decoder_only(cluster: Cluster, args, plans: list[list], width: int, height: int) -> tuple[float, list[float]]:
+    """Images/s of one decoder pod fed stored plans, two calls in flight so that it never waits; each
+    image's seconds of work (denoising, VAE decode, encoding: its Timings)."""
     pod = cluster.pods("decoder")[0]
+    work = []
     with grpc.insecure_channel(pod.address) as channel:
         stub = decoder_pb2_grpc.DecoderServiceStub(channel)
 
@@ -85,11 +98,13 @@ def decoder_only(cluster: Cluster, args, plans: list[list], width: int, height: 
                 decoder_pb2.DecodeRequest(spec=spec),
                 *(decoder_pb2.DecodeRequest(plan_chunk=c) for c in chunks),
             ]
-            for _ in stub.Decode(iter(requests), timeout=600):
-                pass
+            for event in stub.Decode(iter(requests), timeout=600):
+                if event.HasField("completed"):
+                    t = event.completed.timings
+                    work.append(t.denoising_seconds + t.vae_decode_seconds + t.encode_seconds)
 
         count = max(args.requests // 2, 8)
-        return count / run_pool(count, 2, decode)
+        return count / run_pool(count, 2, decode), work
 
 
 def through_gateway(cluster: Cluster, args, width: int, height: int, previews: int = 0, requests: int = 0,
@@ -134,6 +149,20 @@ def through_gateway(cluster: Cluster, args, width: int, height: int, previews: i
     }
 
 
+@contextlib.contextmanager
+def started_cluster(args, width: int, height: int) -> Iterator[Cluster]:
+    """The cluster of args (model, engine, planners, decoders, threads, gateway args), pods behind one
+    name per stage, started and warmed up (every pod, both stages)."""
+    threads = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"} if args.threads else {}
+    with Cluster(args.model, engine=args.engine, planners=args.planners, decoders=args.decoders,
+                 behind_names=HostsEntries.writable(), gateway_args=shlex.split(args.gateway_args),
+                 stage_env={"planner": threads, "decoder": threads}) as cluster:  # fmt: skip
+        with ImageClient(cluster.gateway.address) as client:
+            run_pool(2 * (args.planners + args.decoders), args.planners + args.decoders,
+                     lambda i: client.generate(PROMPT, width, height, seed=i, num_inference_steps=1))  # fmt: skip
+        yield cluster
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("MODEL_DIR", ".cache/tiny-glm-image"))
@@ -156,17 +185,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object (for gateway.capacity)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    behind_names = HostsEntries.writable()
-
-    threads = {"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"} if args.threads else {}
-    with Cluster(args.model, engine=args.engine, planners=args.planners, decoders=args.decoders,
-                 behind_names=behind_names, gateway_args=shlex.split(args.gateway_args),
-                 stage_env={"planner": threads, "decoder": threads}) as cluster:  # fmt: skip
-        with ImageClient(cluster.gateway.address) as client:  # warm-up: every pod, both stages
-            run_pool(2 * (args.planners + args.decoders), args.planners + args.decoders,
-                     lambda i: client.generate(PROMPT, width, height, seed=i, num_inference_steps=1))  # fmt: skip
-        plans_per_s, plans = planner_only(cluster, args, width, height)
-        images_per_s = decoder_only(cluster, args, plans, width, height)
+    with started_cluster(args, width, height) as cluster:
+        plans_per_s, plans, _ = planner_only(cluster, args, width, height)
+        images_per_s, _ = decoder_only(cluster, args, plans, width, height)
         measured = through_gateway(cluster, args, width, height)
         if args.previews:
             pairs = [(through_gateway(cluster, args, width, height),

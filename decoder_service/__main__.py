@@ -5,7 +5,9 @@ import sys
 
 from decoder_service.service import make_service
 from decoder_service.settings import ENV_PREFIX, DecoderSettings
-from servekit.server import configure_logging, serve
+from servekit import tracing
+from servekit.logs import configure_logging
+from servekit.server import serve
 from servekit.settings import log_settings, parse_settings
 
 
@@ -13,7 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     settings, rest = parse_settings(DecoderSettings, ENV_PREFIX, argv, description="GLM-Image decoder (DiT) service")
     if rest:
         sys.exit(f"unrecognized arguments: {' '.join(rest)}")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    tracing.setup("glm-image-decoder")
     log_settings(settings)
     asyncio.run(serve(make_service(settings), settings.server_options()))
 

@@ -24,6 +24,7 @@ another's steps, while only one step's activations are ever alive on the device.
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -48,10 +49,13 @@ from decoder_service.engine import DecoderEngine, EngineInfo
 from decoder_service.images import chunks, encode_image
 from decoder_service.plan import PlanAssembler, PlanExpectations
 from decoder_service.previews import preview_steps, render_estimate, render_plan_preview
+from servekit import plan_format, tracing
 from servekit.admission import Admission, Ticket
 from servekit.errors import Busy, DeadlineExceeded, NotReady, Preempted, Stalled
+from servekit.logs import RequestLog
 
 logger = logging.getLogger(__name__)
+CANCEL_GRACE_S = 0.1  # grpc cancels a call within microseconds of ending its request stream
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class DecodeRunner:
         return self.engine.info
 
     def submit_job(self, fn: Callable, *args) -> concurrent.futures.Future:
-        return self._executor.submit(fn, *args)
+        # the caller's context goes with the job: its log lines and spans belong to the caller's request
+        return self._executor.submit(contextvars.copy_context().run, fn, *args)
 
     def submit(self, fn: Callable, *args) -> asyncio.Future:
         return asyncio.wrap_future(self.submit_job(fn, *args))
@@ -95,6 +100,7 @@ class DecodeRunner:
     async def start(self) -> None:
         """Loads the model, then one minimal decode so that the first request pays no warm-up."""
         await self.submit(self.engine.load)
+        plan_format.export(metrics.STAGE, self.engine.info.plan_format)
         if self.options.warm_up:
             started = time.perf_counter()
             side = self.options.warm_up_side
@@ -167,13 +173,21 @@ class DecodeRunner:
         info = self.info
         started = time.perf_counter()
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        async with self.admission.ticket() as ticket:
-            call = _Call(self, job, items, deadline, info, started, ticket)
-            try:
-                async for event in call.run():
-                    yield event
-            finally:
-                await call.close()
+        details = {"size": f"{job.width}x{job.height}", "steps": job.steps, "format": job.output_format.value}
+        with RequestLog(logger, "decode", job.request_id, **details) as summary:
+            async with self.admission.ticket() as ticket:
+                call = _Call(self, job, items, deadline, info, started, ticket)
+                try:
+                    async for event in call.run():
+                        if isinstance(event, Completed):
+                            summary.details["bytes"] = event.size_bytes
+                        yield event
+                finally:
+                    await call.close()
+                    t = call.timings
+                    summary.seconds.update(prepare=t.decoder_prepare_seconds, queue=t.queue_seconds,
+                                           denoise=t.denoising_seconds, previews=t.previews_seconds,
+                                           vae=t.vae_decode_seconds, encode=t.encode_seconds)  # fmt: skip
         metrics.DECODE_SECONDS.observe(time.perf_counter() - started)
 
 
@@ -278,6 +292,11 @@ class _Call:
                 self.runner.ready_plans += 1
                 self.counted_ready = True
                 self.plan.set_result(self.assembler.plan())
+        if not self.assembler.complete:
+            # A client that cancels the call (the gateway, for its own client) ends this stream too, and
+            # grpc cancels the call a moment later: wait for it, so that the call ends CANCELLED rather
+            # than refused for an incomplete plan.
+            await asyncio.sleep(CANCEL_GRACE_S)
         self.assembler.finish()
 
     # -- the call --------------------------------------------------------------------------------
@@ -286,61 +305,60 @@ class _Call:
         job, engine = self.job, self.engine
         self.reader = asyncio.create_task(self._read())
         self.watch.add(self.reader)
-        images = []
-        if job.condition_images:  # decoding a large photo takes a while: in a thread, not the worker
-            begin = time.perf_counter()
-            images = await self._until(asyncio.ensure_future(asyncio.to_thread(engine.read_conditions, job)))
-            self.timings.decoder_prepare_seconds += time.perf_counter() - begin
-        self.prepared_job = self._submit(engine.prepare, job, images, timing="decoder_prepare_seconds")
+        with tracing.tracer.start_span("prepare"):
+            images = []
+            if job.condition_images:  # decoding a large photo takes a while: in a thread, not the worker
+                begin = time.perf_counter()
+                images = await self._until(asyncio.ensure_future(asyncio.to_thread(engine.read_conditions, job)))
+                self.timings.decoder_prepare_seconds += time.perf_counter() - begin
+            self.prepared_job = self._submit(engine.prepare, job, images, timing="decoder_prepare_seconds")
 
-        header = await self._until(self.header)
-        prepared = await self._until(self.prepared_job)
-        if header.conditions:
-            conditions = self._submit(
-                engine.add_conditions, prepared, header.conditions, timing="decoder_prepare_seconds"
-            )
-            await self._until(conditions)
+            header = await self._until(self.header)
+            prepared = await self._until(self.prepared_job)
+            if header.conditions:
+                conditions = self._submit(
+                    engine.add_conditions, prepared, header.conditions, timing="decoder_prepare_seconds"
+                )
+                await self._until(conditions)
         plan = await self._until(self.plan)
         async for heartbeat in self._take_slot():
             yield heartbeat
 
-        total = await self._until(self._submit(engine.begin, prepared, plan.target_ids, timing="denoising_seconds"))
-        previews_due = preview_steps(total, job.previews)
-        for done in range(1, total + 1):
-            if self.deadline is not None and time.monotonic() >= self.deadline:
-                raise DeadlineExceeded(f"the deadline passed after {done - 1} of {total} denoising steps")
-            begin = time.perf_counter()
-            await self._until(self._submit(engine.step, prepared, timing="denoising_seconds"))
-            step_seconds = time.perf_counter() - begin
-            self.runner.step_seconds[(job.width, job.height)] = step_seconds
-            metrics.DENOISE_STEP_SECONDS.observe(step_seconds)
-            yield Progress(done, total)
-            if done in previews_due:
-                preview = await self._preview(prepared)
-                if preview is not None:
-                    yield preview
-        image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
-        encoded = await self._until(
-            self._submit(
-                encode_image,
-                image,
-                job.output_format,
-                self.runner.options.png_compress_level,
-                job.output_quality,
-                timing="encode_seconds",
+        with tracing.tracer.start_span("denoise", attributes={"glmimage.steps": job.steps}):
+            total = await self._until(self._submit(engine.begin, prepared, plan.target_ids, timing="denoising_seconds"))
+            previews_due = preview_steps(total, job.previews)
+            for done in range(1, total + 1):
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise DeadlineExceeded(f"the deadline passed after {done - 1} of {total} denoising steps")
+                begin = time.perf_counter()
+                await self._until(self._submit(engine.step, prepared, timing="denoising_seconds"))
+                step_seconds = time.perf_counter() - begin
+                self.runner.step_seconds[(job.width, job.height)] = step_seconds
+                metrics.DENOISE_STEP_SECONDS.observe(step_seconds)
+                yield Progress(done, total)
+                if done in previews_due:
+                    preview = await self._preview(prepared)
+                    if preview is not None:
+                        yield preview
+        with tracing.tracer.start_span("vae decode"):
+            image = await self._until(self._submit(engine.finish, prepared, timing="vae_decode_seconds"))
+        with tracing.tracer.start_span("encode"):
+            encoded = await self._until(
+                self._submit(
+                    encode_image,
+                    image,
+                    job.output_format,
+                    self.runner.options.png_compress_level,
+                    job.output_quality,
+                    timing="encode_seconds",
+                )
             )
-        )
         self._raise_if_failed()  # a bad chunk that came during the last step
         for piece in chunks(encoded.data, self.runner.options.chunk_bytes):
             yield ImageChunk(piece)
         t = self.timings
         t.total_seconds = time.perf_counter() - self.started
         metrics.TAIL_SECONDS.observe(time.perf_counter() - self.plan_complete_at)
-        logger.info(
-            "decoded %s: %dx%d, %d steps, %d bytes %s; prepare %.3f s, denoise %.3f s, vae %.3f s, encode %.3f s, "
-            "total %.3f s", job.request_id, job.width, job.height, total, len(encoded.data), job.output_format.value,
-            t.decoder_prepare_seconds, t.denoising_seconds, t.vae_decode_seconds, t.encode_seconds, t.total_seconds,
-        )  # fmt: skip
         yield Completed(
             request_id=job.request_id, width=job.width, height=job.height, seed=job.seed, format=job.output_format,
             sha256=encoded.sha256, size_bytes=len(encoded.data), plan_tokens=len(plan.target_ids), timings=t,
@@ -387,6 +405,7 @@ class _Call:
                 await asyncio.gather(waiting, return_exceptions=True)
         self.timings.queue_seconds = waiting.result()
         metrics.QUEUE_SECONDS.observe(self.timings.queue_seconds)
+        tracing.waited(self.timings.queue_seconds, "denoising slot")
         self._check_time_left()
 
     def _raise_if_failed(self) -> None:

@@ -4,7 +4,9 @@ import asyncio
 
 from gateway.service import gateway_spec
 from gateway.settings import GatewaySettings
-from servekit.server import configure_logging, serve
+from servekit import tracing
+from servekit.logs import configure_logging
+from servekit.server import serve
 from servekit.settings import log_settings, parse_settings
 
 
@@ -14,7 +16,8 @@ def main() -> None:
     )
     if rest:
         raise SystemExit(f"unrecognized arguments: {' '.join(rest)}")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    tracing.setup("glm-image-gateway")
     log_settings(settings)
     asyncio.run(serve(gateway_spec(settings), settings.server_options()))
 

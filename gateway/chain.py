@@ -22,6 +22,7 @@ client gets at most the number asked for, indexed in the order they came.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -29,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from gateway import metrics
 from gateway.replicas import Replica, ReplicaPool
 from glmimage.v1 import common_pb2, decoder_pb2, image_service_pb2, planner_pb2
+from servekit import tracing
 from servekit.errors import ServiceError, Unavailable, UpstreamError, status_details
 
 logger = logging.getLogger(__name__)
@@ -175,21 +178,28 @@ class Chain:
         last: BaseException | None = None
         used = 0
         while used < attempts:
-            replica = await pool.lease(self.arrival, tried, self.deadline)
-            try:
-                result = await once(replica)
-                return result, used + 1
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    pool.overloaded(replica)
-                    continue
-                if error.code() not in RETRYABLE:
-                    raise self._error(stage, error) from None
-                last = error
-            except _ReplicaFailed as error:
-                last = error
-            finally:
-                pool.release(replica)
+            with tracing.tracer.start_span("queue wait", attributes={"glmimage.queue": f"{stage} replica"}):
+                replica = await pool.lease(self.arrival, tried, self.deadline)
+            # current while it runs: the call's metadata carries it, so the replica's spans are its children
+            with tracing.tracer.start_as_current_span(f"{stage} attempt", kind=trace.SpanKind.CLIENT) as span:
+                span.set_attributes({"glmimage.replica": replica.host_port, "glmimage.attempt": used + 1})
+                try:
+                    result = await once(replica)
+                    tracing.set_status(span, grpc.StatusCode.OK)
+                    return result, used + 1
+                except grpc.aio.AioRpcError as error:
+                    tracing.set_status(span, error.code(), error.details())
+                    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        pool.overloaded(replica)
+                        continue
+                    if error.code() not in RETRYABLE:
+                        raise self._error(stage, error) from None
+                    last = error
+                except _ReplicaFailed as error:
+                    tracing.set_status(span, None, str(error))
+                    last = error
+                finally:
+                    pool.release(replica)
             used += 1
             tried.add(replica.address)
             logger.warning("%s: %s %s failed (%s); trying another", self.request.request_id, stage,
@@ -202,7 +212,9 @@ class Chain:
 
     # ---------------------------------------------------------------- planner side
     async def _plan_once(self, replica: Replica) -> None:
-        call = replica.stub.Plan(self.request.plan_request(), timeout=self._remaining(), metadata=self.metadata)
+        call = replica.stub.Plan(
+            self.request.plan_request(), timeout=self._remaining(), metadata=tracing.metadata(self.metadata)
+        )
         chunks = aiter(call)
         stall_s = self.options.stall_s
         last = time.monotonic()
@@ -263,7 +275,9 @@ class Chain:
             output_quality=self.request.output_quality,
         )  # fmt: skip
         try:
-            preview = await replica.stub.RenderPreview(request, timeout=self._remaining(), metadata=self.metadata)
+            preview = await replica.stub.RenderPreview(
+                request, timeout=self._remaining(), metadata=tracing.metadata(self.metadata)
+            )
         except grpc.aio.AioRpcError as error:
             logger.debug("%s: plan preview skipped by %s: %s", self.request.request_id, replica.host_port,
                          error.code().name)  # fmt: skip
@@ -337,7 +351,7 @@ class Chain:
 
     async def _decode_once(self, replica: Replica) -> common_pb2.Completed:
         epoch = self.epoch
-        call = replica.stub.Decode(timeout=self._remaining(), metadata=self.metadata)
+        call = replica.stub.Decode(timeout=self._remaining(), metadata=tracing.metadata(self.metadata))
         self.decode_call = call
         fed: list[float] = []  # when the decoder got the whole plan: from then on it must keep sending events
         feeder = asyncio.create_task(self._feed(call, epoch, fed))
@@ -365,6 +379,10 @@ class Chain:
                 elif kind == "image_chunk":
                     image.append(event.image_chunk.data)
                 else:
+                    # the stream's end (its OK status) before `finally` cancels the call: a decoder that completed
+                    # must not see its call cancelled (its status, its metrics and its trace say so)
+                    with contextlib.suppress(StopAsyncIteration):
+                        await _next(events, quiet_until, stall_s)
                     for data in image:
                         await self.events.put(
                             image_service_pb2.GenerateEvent(image_chunk=common_pb2.ImageChunk(data=data))

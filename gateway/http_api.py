@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -26,6 +27,8 @@ from gateway import openai_images
 from gateway.openai_images import Image, ImageRequest
 from gateway.servicer import ImageServicer
 from glmimage.v1 import image_service_pb2
+from servekit import metrics as request_metrics
+from servekit import tracing
 from servekit.errors import DeadlineExceeded, InvalidRequest, ServiceError, Unavailable
 from servekit.validation import max_message_bytes
 
@@ -46,6 +49,7 @@ class HttpOptions:
 
 
 async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+    request.state.code = error.code.name  # for _Counted
     converted = openai_images.http_error(error)
     return JSONResponse(converted.body, converted.status, headers=converted.headers)
 
@@ -102,6 +106,69 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+# The Images API requests counted in the shared request metrics under the gateway's stage, by path (a
+# bounded set of label values).
+STAGE = "gateway"
+COUNTED_PATHS = ("/v1/images/generations", "/v1/images/edits")
+# The status code name of an answer that no ServiceError made (those record their own code).
+_CODES = {405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 499: "CANCELLED"}
+
+
+def _code(status: int) -> str:
+    return _CODES.get(status) or ("OK" if status < 400 else "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+
+
+class _Counted:
+    """Counts and times each Images API request in the shared request metrics (servekit.metrics), as the
+    gRPC interceptor does each call: until its last byte (streams included), by the gRPC status code name
+    of the ServiceError it ended with (`request.state.code`), else by its HTTP status."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in COUNTED_PATHS:
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 499  # no answer at all: the client or the server went away
+        state = scope.setdefault("state", {})
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            request_metrics.observe(STAGE, scope["path"], state.get("code") or _code(status), started)
+
+
+class _Traced:
+    """A SERVER span per Images API request (not per probe), continuing the client's `traceparent`; current
+    while the app answers, streamed responses included, so that its chains' spans are its children."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/images/"):
+            return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        span = tracing.start_server_span(f"{scope['method']} {scope['path']}", headers,
+                                         **{"http.request.method": scope["method"], "url.path": scope["path"]})  # fmt: skip
+
+        async def send_traced(message):
+            if message["type"] == "http.response.start":
+                span.set_attribute("http.response.status_code", message["status"])
+                if message["status"] >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+            await send(message)
+
+        with trace.use_span(span, end_on_exit=True):
+            await self.app(scope, receive, send_traced)
+
+
 class HttpFront:
     """The HTTP server: `start()` binds the port (raising when it cannot) and serves in a task;
     `drain(grace)` leaves readiness, stops accepting and lets in-flight requests finish."""
@@ -149,6 +216,9 @@ class HttpFront:
         app = FastAPI(title="GLM-Image gateway: OpenAI-compatible Images API")
         limits = self.servicer.limits
         app.add_middleware(_BodyLimit, max_bytes=max_message_bytes(limits))
+        app.add_middleware(_Counted)  # outside _BodyLimit: its refusals count too
+        if tracing.enabled():
+            app.add_middleware(_Traced)  # added last: outermost, it sees every answer
         app.add_exception_handler(ServiceError, _service_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(HTTPException, _http_exception)
@@ -252,8 +322,10 @@ class HttpFront:
         """Puts one chain's events into `queue`, then _END or the ServiceError it ended with."""
         try:
             async with asyncio.timeout_at(deadline):
-                async for event in self.servicer.generate(request, self.servicer.default_timeout_s, key):
-                    await queue.put(event)
+                # a span per image (a request may ask for several), parent of its chain's
+                with tracing.tracer.start_as_current_span("generate"):
+                    async for event in self.servicer.generate(request, self.servicer.default_timeout_s, key):
+                        await queue.put(event)
             await queue.put(_END)
         except TimeoutError:
             await queue.put(DeadlineExceeded(f"no image within the deadline of {self.servicer.default_timeout_s:g} s"))
@@ -309,16 +381,19 @@ class HttpFront:
             return Response(status_code=499)  # nobody reads it: the client is gone
         if isinstance(first, ServiceError):
             raise first
-        return StreamingResponse(self._events(queue, producer, kind), media_type="text/event-stream",
+        return StreamingResponse(self._events(request, queue, producer, kind), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})  # fmt: skip
 
-    async def _events(self, queue: asyncio.Queue, producer: asyncio.Task, kind: str) -> AsyncIterator[bytes]:
+    async def _events(self, request: Request, queue: asyncio.Queue, producer: asyncio.Task,
+                      kind: str) -> AsyncIterator[bytes]:  # fmt: skip
         """Previews as partial images, then the completed image; cancelled (and the chain with it) when the
-        client disconnects."""
+        client disconnects. How the stream ended goes into `request.state.code` (for _Counted)."""
+        request.state.code = "CANCELLED"  # unless it ends otherwise: the client went away
         try:
             chunks = []
             while (item := await queue.get()) is not _END:
                 if isinstance(item, ServiceError):
+                    request.state.code = item.code.name
                     error = openai_images.http_error(item)
                     yield openai_images.sse({"type": "error", **error.body})
                     return
@@ -331,6 +406,7 @@ class HttpFront:
                     yield openai_images.sse(
                         openai_images.completed_event(kind, Image(b"".join(chunks), item.completed))
                     )
+            request.state.code = "OK"
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)

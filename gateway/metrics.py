@@ -2,7 +2,6 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("glmimage_gateway_requests", "Generate requests, by outcome", ["outcome"])
 RETRIES = Counter("glmimage_gateway_retries", "Requests moved to another replica, by stage", ["stage"])
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 END_TO_END_SECONDS = Histogram("glmimage_gateway_end_to_end_seconds", "Accepted to completed", buckets=LATENCY_BUCKETS)

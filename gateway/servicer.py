@@ -8,15 +8,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway import metrics
 from gateway.auth import ANONYMOUS, Gatekeeper
 from gateway.chain import Chain, ChainOptions, ResolvedRequest
 from gateway.replicas import ReplicaPool
 from glmimage.v1 import common_pb2, image_service_pb2, image_service_pb2_grpc
-from servekit import validation
+from servekit import tracing, validation
 from servekit.admission import Admission
 from servekit.errors import Unavailable
-from servekit.outcomes import counted
+from servekit.logs import RequestLog
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -87,12 +86,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     ) -> AsyncIterator[image_service_pb2.GenerateEvent]:
         """One image, whoever asks (gRPC Generate, the HTTP front) with an authenticated `key` name: the
         key's limits, validation, admission, the deadline (`timeout_s`, or the default), `accepted`,
-        then the chain's events; counted in the metrics. Raises ServiceError; the request id is
-        `request.request_id`, assigned when empty."""
-        async for event in counted(self._generate(request, timeout_s, key), metrics.REQUESTS):
-            yield event
-
-    async def _generate(self, request: image_service_pb2.GenerateRequest, timeout_s: float | None, key: str):
+        then the chain's events (counted in the metrics by the front that asked: servekit.metrics). Raises
+        ServiceError; the request id is `request.request_id`, assigned when empty."""
         deadline = time.monotonic() + (self.default_timeout_s if timeout_s is None else timeout_s)
         with self.gatekeeper.limits.hold(key):
             async for event in self._admitted(request, deadline, key):
@@ -100,24 +95,33 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
 
     async def _admitted(self, request: image_service_pb2.GenerateRequest, deadline: float, key: str):
         resolved = resolve(request, self.limits)
-        logger.info("%s: %dx%d for key %s", resolved.request_id, resolved.width, resolved.height, key)
-        async with self.admission.slot():
-            arrival = time.monotonic()
-            steps, guidance = self._decoder_defaults()
-            if resolved.steps is None:
-                resolved.steps = steps
-            if resolved.guidance_scale is None:
-                resolved.guidance_scale = guidance
-            yield image_service_pb2.GenerateEvent(
-                accepted=image_service_pb2.Accepted(
-                    request_id=resolved.request_id, seed=resolved.seed, width=resolved.width,
-                    height=resolved.height, num_inference_steps=resolved.steps,
-                    guidance_scale=resolved.guidance_scale,
-                )
-            )  # fmt: skip
-            chain = Chain(resolved, self.planners, self.decoders, arrival, deadline, self.chain_options)
-            async for event in chain.run():
-                yield event
+        with RequestLog(logger, "generate", resolved.request_id, size=f"{resolved.width}x{resolved.height}") as summary:
+            logger.info("%s: %dx%d for key %s", resolved.request_id, resolved.width, resolved.height, key)
+            async with self.admission.slot() as waited:
+                summary.seconds["admission"] = waited
+                tracing.waited(waited, "gateway admission")
+                arrival = time.monotonic()
+                steps, guidance = self._decoder_defaults()
+                if resolved.steps is None:
+                    resolved.steps = steps
+                if resolved.guidance_scale is None:
+                    resolved.guidance_scale = guidance
+                yield image_service_pb2.GenerateEvent(
+                    accepted=image_service_pb2.Accepted(
+                        request_id=resolved.request_id, seed=resolved.seed, width=resolved.width,
+                        height=resolved.height, num_inference_steps=resolved.steps,
+                        guidance_scale=resolved.guidance_scale,
+                    )
+                )  # fmt: skip
+                chain = Chain(resolved, self.planners, self.decoders, arrival, deadline, self.chain_options)
+                async for event in chain.run():
+                    if event.WhichOneof("event") == "completed":
+                        done = event.completed
+                        summary.details.update(planner_attempts=done.planner_attempts,
+                                               decoder_attempts=done.decoder_attempts)  # fmt: skip
+                        summary.seconds.update(first_plan_token=done.timings.first_plan_token_seconds,
+                                               planning=done.timings.planning_seconds)  # fmt: skip
+                    yield event
 
     async def GetServerInfo(self, request, context):
         self._caller(context)

@@ -6,6 +6,7 @@ from planner_service.engine import PlanEngine
 from planner_service.servicer import PlannerServicer
 from planner_service.settings import PlannerSettings
 from servekit.admission import Admission
+from servekit.plan_format import export as export_plan_format
 from servekit.plan_format import plan_format
 from servekit.server import ServiceSpec, package_version
 
@@ -41,6 +42,7 @@ def planner_spec(settings: PlannerSettings, engine: PlanEngine) -> ServiceSpec:
 
     async def start() -> None:
         await engine.start()
+        export_plan_format("planner", servicer.plan_format)
         servicer.loaded = True
         await warm_up(servicer, limits)
 

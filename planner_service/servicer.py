@@ -10,10 +10,10 @@ from imagekit.condition_images import ResizeRule, read_condition_images
 from planner_service import metrics
 from planner_service.chunking import TokenChunker
 from planner_service.engine import PlanEngine, PlanJob, PlanLayout, Sampling
-from servekit import validation
+from servekit import tracing, validation
 from servekit.admission import Admission
 from servekit.errors import NotReady
-from servekit.outcomes import counted
+from servekit.logs import RequestLog
 from servekit.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -94,47 +94,57 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         if not self.loaded:
             raise NotReady("the planner is loading its model; retry when its health is SERVING")
         job = job_from_proto(request, self.limits, self.engine.codebook_size)
-        async for chunk in counted(self._plan(job, arrived), metrics.PLANS):
-            yield chunk
+        size, images = f"{job.width}x{job.height}", len(job.condition_images)
+        with RequestLog(logger, "plan", job.request_id, size=size, condition_images=images) as summary:
+            async for chunk in self._plan(job, arrived, summary):
+                yield chunk
 
-    async def _plan(self, job: PlanJob, arrived: float):
+    async def _plan(self, job: PlanJob, arrived: float, summary: RequestLog):
         async with self.admission.slot() as queue_seconds:
             metrics.QUEUE_SECONDS.observe(queue_seconds)
-            # Decoding and resizing a large photo takes a while: off the event loop, before any model work.
-            job.images = await asyncio.to_thread(read_condition_images, job.condition_images, self.resize_rule)
-            layout = await self.engine.prepare(job)
-            logger.info(
-                "plan %s: %dx%d, %d condition images, %d tokens",
-                job.request_id, job.width, job.height, len(job.images), layout.total_tokens,
-            )  # fmt: skip
-            yield planner_pb2.PlanChunk(
-                header=header_to_proto(job, layout, self.engine.codebook_size, self.plan_format)
-            )
-            chunker = TokenChunker(layout.preview_tokens, self.chunk_tokens, self.chunk_interval_s)
-            first_token_at = None
-            async for ids in self.engine.generate(job, layout):
-                first_token_at = first_token_at or time.perf_counter()
-                metrics.TOKENS.inc(len(ids))
-                for tokens in chunker.feed(ids):
-                    yield planner_pb2.PlanChunk(tokens=tokens)
-            for tokens in chunker.flush():
-                yield planner_pb2.PlanChunk(tokens=tokens)
-            if chunker.produced != layout.total_tokens:
-                raise RuntimeError(f"engine produced {chunker.produced} of {layout.total_tokens} plan tokens")
-            done = time.perf_counter()
-            metrics.FIRST_TOKEN_SECONDS.observe((first_token_at or done) - arrived)
-            metrics.PLAN_SECONDS.observe(done - arrived)
-            yield planner_pb2.PlanChunk(
-                summary=planner_pb2.PlanSummary(
-                    preview_tokens=layout.preview_tokens,
-                    target_tokens=layout.total_tokens - layout.preview_tokens,
-                    prompt_tokens=layout.prompt_tokens,
-                    finish_reason=planner_pb2.FINISH_REASON_COMPLETE,
-                    queue_seconds=queue_seconds,
-                    first_token_seconds=(first_token_at or done) - arrived,
-                    total_seconds=done - arrived,
+            summary.seconds["queue"] = queue_seconds
+            tracing.waited(queue_seconds, "planner slot")
+            with tracing.tracer.start_span("planning") as planning:
+                # Decoding and resizing a large photo takes a while: off the event loop, before any model work.
+                job.images = await asyncio.to_thread(read_condition_images, job.condition_images, self.resize_rule)
+                layout = await self.engine.prepare(job)
+                summary.details["tokens"] = layout.total_tokens
+                yield planner_pb2.PlanChunk(
+                    header=header_to_proto(job, layout, self.engine.codebook_size, self.plan_format)
                 )
-            )
+                chunker = TokenChunker(layout.preview_tokens, self.chunk_tokens, self.chunk_interval_s)
+                first_token_at = None
+                previewed = layout.preview_tokens == 0  # image-to-image plans have no preview grid
+                async for ids in self.engine.generate(job, layout):
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        planning.add_event("first token")
+                    metrics.TOKENS.inc(len(ids))
+                    for tokens in chunker.feed(ids):
+                        yield planner_pb2.PlanChunk(tokens=tokens)
+                    if not previewed and chunker.produced >= layout.preview_tokens:
+                        previewed = True
+                        planning.add_event("preview grid done")
+                for tokens in chunker.flush():
+                    yield planner_pb2.PlanChunk(tokens=tokens)
+                if chunker.produced != layout.total_tokens:
+                    raise RuntimeError(f"engine produced {chunker.produced} of {layout.total_tokens} plan tokens")
+                planning.add_event("target grid done")
+                done = time.perf_counter()
+                summary.seconds["first_token"] = first_token_seconds = (first_token_at or done) - arrived
+                metrics.FIRST_TOKEN_SECONDS.observe(first_token_seconds)
+                metrics.PLAN_SECONDS.observe(done - arrived)
+                yield planner_pb2.PlanChunk(
+                    summary=planner_pb2.PlanSummary(
+                        preview_tokens=layout.preview_tokens,
+                        target_tokens=layout.total_tokens - layout.preview_tokens,
+                        prompt_tokens=layout.prompt_tokens,
+                        finish_reason=planner_pb2.FINISH_REASON_COMPLETE,
+                        queue_seconds=queue_seconds,
+                        first_token_seconds=first_token_seconds,
+                        total_seconds=done - arrived,
+                    )
+                )
 
     async def GetServerInfo(self, request, context):
         if not self.loaded:

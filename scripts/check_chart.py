@@ -4,16 +4,20 @@
     python scripts/check_chart.py --write-readme  # regenerate the chart README's values table
 
 Runs in the .venv-deploy made by scripts/lint_deploy.sh: helm-python-sdk (Helm's Go SDK: lint,
-render, schema validation, no cluster), kubernetes-validate (the Kubernetes API schemas), jsonschema
-and PyYAML. Prints one line per check and exits 1 if any failed.
+render, schema validation, no cluster), kubernetes-validate (the Kubernetes API schemas), jsonschema,
+PyYAML and promql-parser (Prometheus' PromQL grammar, in Rust). The metric names the services export
+come from the project's .venv (scripts/metric_names.py). Prints one line per check and exits 1 if any
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
+import promql_parser
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +40,16 @@ RELEASE, NAMESPACE = "glm", "glm-test"
 KUBE_VERSIONS = ("1.27", "1.33")
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 README_START, README_END = "<!-- values-table:start -->", "<!-- values-table:end -->"
+# Objects of the whole release, not of one stage: kind -> the template it comes from.
+RELEASE_WIDE = {
+    "ServiceAccount": "serviceaccount.yaml",
+    "ConfigMap": "configmap-dashboards.yaml",
+    "PrometheusRule": "prometheusrule.yaml",
+}
+# kube-state-metrics series the dashboard and the alerts use (the services export the rest).
+KUBE_STATE_METRICS = {"kube_deployment_spec_replicas", "kube_deployment_status_replicas_ready"}
+ALERTS = {"GlmImageErrorRatio", "GlmImageQueueGrowing", "GlmImageLatencyHigh", "GlmImageNoReadyPods",
+          "GlmImagePlanFormatMismatch"}  # fmt: skip
 
 Manifest = dict[str, Any]
 
@@ -131,8 +146,10 @@ def scenarios() -> Iterator[tuple[str, dict]]:
     for example in EXAMPLES:
         yield f"examples/{example.name}", load_yaml(example)
     yield (
-        "tls+monitors+autoscaling, no NetworkPolicies",
+        "tls+monitors+autoscaling+dashboards+alerts, no NetworkPolicies",
         {
+            "dashboards": {"enabled": True, "annotations": {"grafana_folder": "GLM-Image"}},
+            "alerts": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
             "tls": {
                 "enabled": True,
                 "planner": {"secretName": "glm-planner-tls"},
@@ -411,6 +428,10 @@ SCHEMA_REJECTS = {
     "an unknown issuer kind": {"tls": {"certManager": {"issuerRef": {"kind": "VaultIssuer"}}}},
     "a certificate duration without a unit": {"tls": {"certManager": {"duration": "90"}}},
     "a NetworkPolicy peer that is no peer": {"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}},
+    "an alert duration without a unit": {"alerts": {"queueGrowing": {"for": "15"}}},
+    "an error ratio above 1": {"alerts": {"errorRatio": {"threshold": 5}}},
+    "a latency target for no stage": {"alerts": {"latency": {"p95Seconds": {"vae": 10}}}},
+    "status codes that are no regex of names": {"alerts": {"errorRatio": {"codes": "INTERNAL,UNAVAILABLE"}}},
 }
 
 
@@ -515,13 +536,14 @@ def check_objects(objects: list[Manifest], values: dict) -> list[str]:
     for obj in objects:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         labels = obj["metadata"].get("labels", {})
-        if obj["kind"] != "ServiceAccount" and labels.get("app.kubernetes.io/component") not in STAGES:
+        release_wide = obj["kind"] in RELEASE_WIDE
+        if not release_wide and labels.get("app.kubernetes.io/component") not in STAGES:
             problems.append(f"{name}: no app.kubernetes.io/component label")
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by"):
             if key not in labels:
                 problems.append(f"{name}: no {key} label")
-        expected_template = f"{obj['kind'].lower()}-{component(obj)}.yaml"
-        if obj["kind"] != "ServiceAccount" and obj["_template"] != expected_template:
+        expected_template = RELEASE_WIDE.get(obj["kind"], f"{obj['kind'].lower()}-{component(obj)}.yaml")
+        if obj["_template"] != expected_template:
             problems.append(f"{name}: comes from {obj['_template']}, expected {expected_template}")
 
     for stage, deployment in deployments.items():
@@ -1070,6 +1092,150 @@ def check_pod_security(objects: list[Manifest], values: dict) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------
+# monitoring: the dashboard, the alerts, and every PromQL query the chart holds
+
+
+def check_monitoring(objects: list[Manifest], values: dict) -> list[str]:
+    """The dashboard ConfigMap and the PrometheusRule: rendered iff enabled, labelled as configured."""
+    problems = []
+    dashboards = of_kind(objects, "ConfigMap")
+    if values["dashboards"]["enabled"] != bool(dashboards):
+        problems.append("dashboard ConfigMap rendered iff dashboards.enabled")
+    for config_map in dashboards:
+        if not values["dashboards"]["labels"].items() <= config_map["metadata"]["labels"].items():
+            problems.append("the dashboard ConfigMap lacks dashboards.labels (the Grafana sidecar's)")
+        for key, text in config_map["data"].items():
+            panels = json.loads(text)["panels"]
+            if not key.endswith(".json") or not panels:
+                problems.append(f"dashboard ConfigMap: {key} is no dashboard with panels")
+    rules = of_kind(objects, "PrometheusRule")
+    if values["alerts"]["enabled"] != bool(rules):
+        problems.append("PrometheusRule rendered iff alerts.enabled")
+    for rule in rules:
+        if not values["alerts"]["labels"].items() <= rule["metadata"]["labels"].items():
+            problems.append("the PrometheusRule lacks alerts.labels")
+        alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+        if {a["alert"] for a in alerts} != ALERTS:
+            problems.append(f"PrometheusRule: alerts {sorted({a['alert'] for a in alerts})}, expected {sorted(ALERTS)}")
+        for alert in alerts:
+            if not alert.get("for") or alert.get("labels", {}).get("severity") not in ("warning", "critical"):
+                problems.append(f"alert {alert['alert']}: needs a `for` and a severity")
+    return problems
+
+
+@functools.cache
+def exported_metrics() -> frozenset[str]:
+    """The names of the samples the services export (scripts/metric_names.py, in the project's .venv)."""
+    python = ROOT / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise RuntimeError("no .venv: run `make stubs` first (the services' metrics are read from it)")
+    run = subprocess.run([str(python), str(ROOT / "scripts" / "metric_names.py")], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"scripts/metric_names.py failed: {run.stderr.strip()}")
+    return frozenset(run.stdout.split())
+
+
+def promql_queries(objects: list[Manifest]) -> Iterator[tuple[str, str]]:
+    """(where, query) of every PromQL query in the rendered chart: KEDA triggers, alert rules, the
+    dashboard's panels and its `label_values(<selector>, <label>)` variables. Grafana's
+    $__rate_interval becomes 5m; other Grafana variables only stand in label values."""
+    for scaled in of_kind(objects, "ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            yield f"ScaledObject/{scaled['metadata']['name']}", trigger["metadata"]["query"]
+    for rule in of_kind(objects, "PrometheusRule"):
+        for group in rule["spec"]["groups"]:
+            for alert in group["rules"]:
+                yield f"alert {alert['alert']}", alert["expr"]
+    for config_map in of_kind(objects, "ConfigMap"):
+        for key, text in config_map["data"].items():
+            dashboard = json.loads(text)
+            panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+            for panel in panels:
+                for target in panel.get("targets", []):
+                    yield f"{key} panel {panel['title']!r}", target["expr"].replace("$__rate_interval", "5m")
+            for variable in dashboard["templating"]["list"]:
+                if variable["type"] == "query":
+                    selector = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["query"])
+                    yield f"{key} variable {variable['name']}", selector[1] if selector else variable["query"]
+
+
+def name_alternatives(regex: str) -> list[str] | None:
+    """The names a regex of literal alternatives matches (`a|b`, `x_(c|d)`); None for any other regex."""
+
+    def alternatives(at: int) -> tuple[list[str], int]:
+        options, current = [], [""]
+        while at < len(regex) and regex[at] != ")":
+            char = regex[at]
+            if char == "|":
+                options, current = options + current, [""]
+            elif char == "(":
+                inner, at = alternatives(at + 1)
+                if at == len(regex):
+                    raise ValueError("unclosed group")
+                current = [head + tail for head in current for tail in inner]
+            elif char.isalnum() or char in "_:":
+                current = [head + char for head in current]
+            else:
+                raise ValueError(f"not a literal: {char}")
+            at += 1
+        return options + current, at
+
+    try:
+        names, end = alternatives(0)
+    except ValueError:
+        return None
+    return names if end == len(regex) else None
+
+
+def selected_names(expr) -> tuple[set[str], set[str]]:
+    """The metric names an expression's selectors name, and the `__name__` regexes that list no names."""
+    names: set[str] = set()
+    patterns: set[str] = set()
+
+    def visit(node) -> None:
+        if not isinstance(node, promql_parser.VectorSelector):
+            return
+        if node.name:
+            names.add(node.name)
+        for matcher in node.matchers.matchers:
+            if matcher.name != "__name__":
+                continue
+            listed = [matcher.value] if matcher.op == promql_parser.MatchOp.Equal else None
+            if matcher.op == promql_parser.MatchOp.Re:
+                listed = name_alternatives(matcher.value)
+            if listed is None:
+                patterns.add(matcher.value)
+            else:
+                names.update(listed)
+
+    promql_parser.walk(expr, visit)
+    return names, patterns
+
+
+def check_promql(objects: list[Manifest]) -> list[str]:
+    """Every query parses as PromQL and names only metrics the services (or kube-state-metrics) export."""
+    problems = []
+    known = exported_metrics() | KUBE_STATE_METRICS
+    for where, query in promql_queries(objects):
+        try:
+            expr = promql_parser.parse(query)
+        except ValueError as error:
+            problems.append(f"{where}: not PromQL ({error}): {query}")
+            continue
+        names, patterns = selected_names(expr)
+        for name in sorted(names - known):
+            problems.append(f"{where}: no service exports {name}")
+        for pattern in sorted(patterns):
+            if not any(re.fullmatch(pattern, name) for name in known):
+                problems.append(f"{where}: __name__=~{pattern!r} matches no exported metric")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# upgrades
+
+
 def strip_volatile(obj: Manifest) -> Manifest:
     return {k: v for k, v in obj.items() if k != "_template"}
 
@@ -1227,6 +1393,14 @@ def main() -> int:
         report.run(
             f"[{name}] pods locked down: non-root, read-only root, no capabilities, seccomp, no token",
             lambda objects=objects, merged=merged: check_pod_security(objects, merged),
+        )
+        report.run(
+            f"[{name}] dashboard ConfigMap and PrometheusRule: rendered iff enabled, labels, every alert",
+            lambda objects=objects, merged=merged: check_monitoring(objects, merged),
+        )
+        report.run(
+            f"[{name}] PromQL (KEDA, alerts, dashboard) parses and names only exported metrics",
+            lambda objects=objects: check_promql(objects),
         )
     report.run(
         "upgrading one stage's image tag changes only that stage (defaults)",

@@ -6,8 +6,10 @@
 #     values such as `tag: latest`), `helm template` of several value sets validated against the
 #     Kubernetes API schemas, the chart's own rules (labels, selectors, probes, GPUs, headless
 #     Services, autoscalers, monitors; TLS and mutual TLS, cert-manager Certificates, API key
-#     Secrets, NetworkPolicies, locked-down pods), and that bumping one stage's image tag changes
-#     only that stage's objects.
+#     Secrets, NetworkPolicies, locked-down pods; the dashboard and the alerts), that bumping one
+#     stage's image tag changes only that stage's objects, and that every PromQL query (KEDA, alerts,
+#     dashboard) parses (promql-parser) and names only metrics the services export (read from the
+#     project's .venv by scripts/metric_names.py: `make stubs` first, as `make lint-deploy` does).
 # Helm runs in-process through helm-python-sdk (Helm's Go SDK; no helm binary, no cluster).
 # Re-runs with an unchanged tool list skip the install (stamp file). Exit status 0 = all clean.
 set -euo pipefail
@@ -20,6 +22,7 @@ PINS=(
   kubernetes-validate==1.37.0
   jsonschema==4.26.0
   PyYAML==6.0.3
+  promql-parser==0.11.0
 )
 
 # Python >= 3.12: python3.12 on PATH, else one that pyenv has installed but not activated.

@@ -8,6 +8,7 @@ Every status also carries google.rpc details (grpc-status-details-bin, read with
 naming the field an `InvalidRequest` is about, `RetryInfo` where waiting helps.
 """
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -149,6 +150,17 @@ def _pack(detail) -> any_pb2.Any:
     return packed
 
 
+def status_code(error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ends with when `error` (None: nothing) escapes its handler."""
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, ServiceError):
+        return error.code
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the client left, or its deadline passed
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str, stage: str) -> None:
     if not isinstance(error, ServiceError):
         logger.exception("unhandled error in %s", method, exc_info=error)
@@ -183,6 +195,62 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, stage
     return wrapper
 
 
+def wrap_handler(
+    handler: grpc.RpcMethodHandler, wrap_coroutine: Callable, wrap_generator: Callable
+) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped by `wrap_coroutine` or `wrap_generator` (behaviour -> behaviour),
+    whichever fits: a streaming handler is an async generator, or a coroutine that writes with context.write()
+    (grpc's own health Watch)."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_coroutine(handler.unary_unary), **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_coroutine(handler.stream_unary), **serializers)
+    if handler.unary_stream:
+        wrap = wrap_coroutine if inspect.iscoroutinefunction(handler.unary_stream) else wrap_generator
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **serializers)
+    wrap = wrap_coroutine if inspect.iscoroutinefunction(handler.stream_stream) else wrap_generator
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **serializers)
+
+
+def wrap_calls(handler: grpc.RpcMethodHandler, begin: Callable) -> grpc.RpcMethodHandler:
+    """`handler` with `begin(context)` called as each call starts, and the function it returns called with what
+    ended the call (the exception, None when it returned), whatever the handler's kind: for the interceptors
+    that observe calls (metrics, traces)."""
+
+    def coroutine(behavior):
+        async def wrapper(request_or_iterator, context):
+            end, error = begin(context), None
+            try:
+                return await behavior(request_or_iterator, context)
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                end(error)
+
+        return wrapper
+
+    def generator(behavior):
+        async def wrapper(request_or_iterator, context):
+            end, error = begin(context), None
+            try:
+                async for response in behavior(request_or_iterator, context):
+                    yield response
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                end(error)
+
+        return wrapper
+
+    return wrap_handler(handler, coroutine, generator)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps ServiceError subclasses to their status codes and everything else to INTERNAL; `stage`
     (planner, decoder, gateway) goes into each status's ErrorInfo."""
@@ -195,22 +263,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, self.stage), **serializers
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, self.stage), **serializers
-            )
-        # A streaming handler is an async generator, or a coroutine that writes with context.write()
-        # (grpc's own health Watch): wrap each as what it is.
-        if handler.unary_stream:
-            wrap = _wrap_unary if inspect.iscoroutinefunction(handler.unary_stream) else _wrap_stream
-            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, method, self.stage), **serializers)
-        wrap = _wrap_unary if inspect.iscoroutinefunction(handler.stream_stream) else _wrap_stream
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, method, self.stage), **serializers)
+        return wrap_handler(handler, lambda behavior: _wrap_unary(behavior, method, self.stage),
+                            lambda behavior: _wrap_stream(behavior, method, self.stage))  # fmt: skip

@@ -3,7 +3,8 @@
 Planner and decoder compute it from the same checkpoint files, so that a decoder can refuse a
 plan from an incompatible planner (a mixed-version rollout). It hashes the raw bytes of the VQ
 codebook tensor straight from the safetensors file (the decoder never loads the AR model), plus
-the codebook size. Reading the safetensors header needs no torch.
+the codebook size. Reading the safetensors header needs no torch. Each stage exports the format it
+writes or reads as `glmimage_plan_format_info{stage, plan_format} 1`, so that a monitor sees a mismatch.
 """
 
 import hashlib
@@ -11,8 +12,17 @@ import json
 import struct
 from pathlib import Path
 
+from prometheus_client import Info
+
 CODEBOOK_TENSOR = "model.vqmodel.quantize.embedding.weight"
 AR_FOLDER = "vision_language_encoder"
+
+INFO = Info("glmimage_plan_format", "The plan format a stage writes (planner) or reads (decoder)", ["stage"])
+
+
+def export(stage: str, fmt: str) -> None:
+    """Publishes `fmt` as `stage`'s plan format in the metrics."""
+    INFO.labels(stage).info({"plan_format": fmt})
 
 
 def _tensor_file(model_dir: Path) -> Path:

@@ -21,7 +21,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from servekit import tracing
 from servekit.errors import ErrorInterceptor
+from servekit.metrics import RequestMetricsInterceptor
 from servekit.tls import server_credentials
 from servekit.validation import Limits, max_message_bytes
 
@@ -142,7 +144,10 @@ async def start_server(spec: ServiceSpec, options: ServerOptions) -> RunningServ
         ("grpc.max_receive_message_length", options.max_message_bytes),
         ("grpc.max_send_message_length", options.max_message_bytes),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(spec.stage)], options=[*SERVER_OPTIONS, *message_limits])
+    # outermost first: the metrics see the status ErrorInterceptor gives each call
+    interceptors = [*tracing.server_interceptors(), RequestMetricsInterceptor(spec.stage, spec.names),
+                    ErrorInterceptor(spec.stage)]  # fmt: skip
+    server = grpc.aio.server(interceptors=interceptors, options=[*SERVER_OPTIONS, *message_limits])
     spec.register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -192,7 +197,3 @@ def package_version() -> str:
         return version("glm-image-serve")
     except PackageNotFoundError:
         return "dev"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

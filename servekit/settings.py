@@ -42,6 +42,11 @@ class ServerSettings:
         "", "PEM CA bundle: require client certificates it verifies (mutual TLS; needs --tls-cert-file)"
     )
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
+    log_format: str = option(
+        "text",
+        "log lines: text (for terminals) or json (one object a line, for log collectors)",
+        choices=("text", "json"),
+    )
     health_check_seconds: float = option(5.0, "how often the engine's own health is checked once loaded")
     min_side: int = option(Limits.min_side, "smallest width/height in pixels (a multiple of 32)")
     max_side: int = option(Limits.max_side, "largest width/height in pixels (a multiple of 32)")

@@ -60,14 +60,16 @@ class Service:
         )  # fmt: skip
 
     def metric(self, name: str, **labels) -> float:
-        """One sample from this service's /metrics endpoint (0 when absent)."""
+        """The sum of the samples `name` with `labels` (among others) on this service's /metrics endpoint
+        (0 when none): one sample when the labels name one series."""
         with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,43 +53,86 @@ SEED = 3  # chosen so greedy plans of every test size have many distinct ids
 # Bumped whenever the build changes, so that an existing folder is rebuilt.
 BUILD_VERSION = "1"
 
-IMAGE_START = f"<|dit_token_{CODEBOOK_SIZE}|>"
-IMAGE_END = f"<|dit_token_{CODEBOOK_SIZE + 1}|>"
 TEXT_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|user|>", "<|assistant|>", "<|image|>"]
 
-# The real checkpoint's chat template renders an image item as <start><|image|><end>.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}<|user|>\n{%- else -%}<|assistant|>\n{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}" + IMAGE_START + "<|image|>" + IMAGE_END + ""
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endfor -%}"
-)
+
+def _dit_token(i: int) -> str:
+    return f"<|dit_token_{i}|>"
 
 
-def _ar_tokenizer() -> TokenizersBackend:
-    """Byte-level BPE without merges plus GLM-Image's special tokens."""
-    codebook_tokens = [f"<|dit_token_{i}|>" for i in range(CODEBOOK_SIZE + 2)]
-    vocab = {token: i for i, token in enumerate(codebook_tokens)}
+def chat_template(codebook_size: int) -> str:
+    """The real checkpoint's chat template renders an image item as <start><|image|><end>."""
+    image = _dit_token(codebook_size) + "<|image|>" + _dit_token(codebook_size + 1)
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}<|user|>\n{%- else -%}<|assistant|>\n{%- endif -%}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}" + image + ""
+        "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def ar_tokenizer(
+    codebook_size: int, vision_vocab_size: int, pinned_ids: dict[str, int] | None = None
+) -> TokenizersBackend:
+    """Byte-level BPE without merges plus GLM-Image's special tokens.
+
+    Ids 0.. are `<|dit_token_i|>` (the vision vocabulary, at least the codebook + image start/end);
+    `pinned_ids` puts some text specials at given ids (the real vocabulary's), the gap before them
+    filled with reserved tokens that no text encodes to."""
+    pinned_ids = pinned_ids or {}
+    image_tokens = [_dit_token(i) for i in range(max(codebook_size + 2, vision_vocab_size))]
+    vocab = {token: i for i, token in enumerate(image_tokens)}
     # alphabet() is a set: sort it, or the ids depend on the hash seed
     for token in [*sorted(pre_tokenizers.ByteLevel.alphabet()), *TEXT_SPECIALS]:
-        vocab.setdefault(token, len(vocab))
+        if token not in pinned_ids:
+            vocab.setdefault(token, len(vocab))
+    for token, token_id in sorted(pinned_ids.items(), key=lambda item: item[1]):
+        vocab.update((f"<|reserved_{i}|>", i) for i in range(len(vocab), token_id))
+        vocab[token] = token_id
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in codebook_tokens + TEXT_SPECIALS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in image_tokens + TEXT_SPECIALS])
     return TokenizersBackend(
         tokenizer_object=backend,
-        bos_token=IMAGE_START,
-        eos_token=IMAGE_END,
+        bos_token=_dit_token(codebook_size),
+        eos_token=_dit_token(codebook_size + 1),
         pad_token="<|endoftext|>",
         padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
         model_max_length=4096,
     )
+
+
+def glm_processor(tokenizer: TokenizersBackend, codebook_size: int, vision_config: dict) -> GlmImageProcessor:
+    """Condition images cut into the vision model's patches, at most its position table's reach."""
+    image_processor = GlmImageImageProcessorPil(
+        patch_size=vision_config["patch_size"], temporal_patch_size=1, merge_size=vision_config["spatial_merge_size"],
+        size={"shortest_edge": 32 * 32, "longest_edge": vision_config["image_size"] ** 2},
+    )  # fmt: skip
+    return GlmImageProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(codebook_size)
+    )
+
+
+def generation_config(ar_config: GlmImageConfig) -> GenerationConfig:
+    """The real checkpoint's sampling defaults (zai-org README / vLLM-Omni)."""
+    return GenerationConfig(
+        do_sample=True, temperature=0.9, top_p=0.75, top_k=ar_config.text_config.vision_vocab_size,
+        eos_token_id=ar_config.image_end_token_id, pad_token_id=ar_config.text_config.pad_token_id,
+        bos_token_id=ar_config.image_start_token_id,
+    )  # fmt: skip
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
+        base_image_seq_len=256, time_shift_type="linear",
+    )  # fmt: skip
 
 
 def _init_large(module: torch.nn.Module, gain: float) -> None:
@@ -115,39 +159,31 @@ def build_pipeline() -> GlmImagePipeline:
     )  # fmt: skip
     text_encoder = T5EncoderModel(t5_config).eval()
 
-    ar_tokenizer = _ar_tokenizer()
-    image_processor = GlmImageImageProcessorPil(
-        patch_size=16, temporal_patch_size=1, merge_size=1,
-        size={"shortest_edge": 32 * 32, "longest_edge": 512 * 512},
-    )  # fmt: skip
-    processor = GlmImageProcessor(image_processor=image_processor, tokenizer=ar_tokenizer, chat_template=CHAT_TEMPLATE)
+    tokenizer = ar_tokenizer(CODEBOOK_SIZE, CODEBOOK_SIZE)
+    vision_config = dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=128, image_size=512, patch_size=16,
+                         spatial_merge_size=1)  # fmt: skip
+    processor = glm_processor(tokenizer, CODEBOOK_SIZE, vision_config)
 
-    token_id = ar_tokenizer.convert_tokens_to_ids
+    token_id = tokenizer.convert_tokens_to_ids
     ar_config = GlmImageConfig(
         text_config=dict(
-            vocab_size=((len(ar_tokenizer) + 63) // 64) * 64, hidden_size=128, intermediate_size=256,
+            vocab_size=((len(tokenizer) + 63) // 64) * 64, hidden_size=128, intermediate_size=256,
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
             vision_vocab_size=CODEBOOK_SIZE,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                              "mrope_section": [4, 6, 6]},
-            pad_token_id=token_id("<|endoftext|>"), eos_token_id=token_id(IMAGE_END),
+            pad_token_id=token_id("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
         ),
-        vision_config=dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=128, image_size=512,
-                           patch_size=16, spatial_merge_size=1),
+        vision_config=vision_config,
         vq_config=dict(embed_dim=32, num_embeddings=CODEBOOK_SIZE, latent_channels=64),
         image_token_id=token_id("<|image|>"),
-        image_start_token_id=token_id(IMAGE_START),
-        image_end_token_id=token_id(IMAGE_END),
+        image_start_token_id=tokenizer.bos_token_id,
+        image_end_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     ar_model = GlmImageForConditionalGeneration(ar_config).eval()
     # gain 2: with gain 1 greedy plans of this 2-layer model still fall into short loops.
     _init_large(ar_model, gain=2.0)
-    # The real checkpoint's sampling defaults (zai-org README / vLLM-Omni).
-    ar_model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.9, top_p=0.75, top_k=CODEBOOK_SIZE,
-        eos_token_id=ar_config.image_end_token_id, pad_token_id=ar_config.text_config.pad_token_id,
-        bos_token_id=ar_config.image_start_token_id,
-    )  # fmt: skip
+    ar_model.generation_config = generation_config(ar_config)
 
     transformer = GlmImageTransformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -162,40 +198,39 @@ def build_pipeline() -> GlmImagePipeline:
         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 8, 8, 8), layers_per_block=1,
         latent_channels=4, norm_num_groups=4, sample_size=256, latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
     ).eval()  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
-        base_image_seq_len=256, time_shift_type="linear",
-    )  # fmt: skip
     return GlmImagePipeline(
         tokenizer=glyph_tokenizer, processor=processor, text_encoder=text_encoder,
-        vision_language_encoder=ar_model, vae=vae, transformer=transformer, scheduler=scheduler,
+        vision_language_encoder=ar_model, vae=vae, transformer=transformer, scheduler=flow_scheduler(),
     )  # fmt: skip
 
 
-def _build_stamp() -> str:
-    source = Path(__file__).read_bytes()
-    return hashlib.sha256(source + BUILD_VERSION.encode()).hexdigest()
-
-
-def write_tiny_model(out_dir: str | os.PathLike) -> bool:
-    """Write the model to out_dir; returns False when out_dir already holds this exact build."""
+def write_pipeline(
+    out_dir: str | os.PathLike, build: Callable[[], GlmImagePipeline], stamp: str, stamp_name: str
+) -> bool:
+    """Write build()'s pipeline to out_dir, with `stamp` in the file `stamp_name`; returns False (and
+    builds nothing) when out_dir already holds that stamp."""
     out = Path(out_dir)
-    stamp_file = out / ".tiny-glm-image"
-    stamp = _build_stamp()
+    stamp_file = out / stamp_name
     if stamp_file.is_file() and stamp_file.read_text() == stamp:
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and swap it in, so a reader never sees a half-written model.
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
     try:
-        build_pipeline().save_pretrained(staging, safe_serialization=True)
-        (staging / ".tiny-glm-image").write_text(stamp)
+        build().save_pretrained(staging, safe_serialization=True)
+        (staging / stamp_name).write_text(stamp)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return True
+
+
+def write_tiny_model(out_dir: str | os.PathLike) -> bool:
+    """Write the model to out_dir; returns False when out_dir already holds this exact build."""
+    stamp = hashlib.sha256(Path(__file__).read_bytes() + BUILD_VERSION.encode()).hexdigest()
+    return write_pipeline(out_dir, build_pipeline, stamp, ".tiny-glm-image")
 
 
 def describe(model_dir: str | os.PathLike) -> dict:

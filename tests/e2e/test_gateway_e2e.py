@@ -58,7 +58,8 @@ def wait_idle(cluster, timeout: float = 10.0) -> float:
 
 
 def completed_plans(cluster) -> float:
-    return sum(s.metric("glmimage_planner_plans_total", outcome="completed") for s in stages(cluster, "planner"))
+    return sum(s.metric("glmimage_requests_total", stage="planner", method="Plan", code="OK")
+               for s in stages(cluster, "planner"))  # fmt: skip
 
 
 def test_greedy_image_equals_the_monolithic_pipeline(client, pipe):

@@ -65,6 +65,10 @@ def post(cluster, path: str, body: dict, key: str = API_KEY) -> http.client.HTTP
     return connection.getresponse()
 
 
+def http_requests(cluster, path: str, code: str) -> float:
+    return cluster.gateway.metric("glmimage_requests_total", stage="gateway", method=path, code=code)
+
+
 def in_flight(cluster, kind: str) -> float:
     return sum(s.metric("glmimage_requests_in_flight", stage=kind) for s in cluster.pods(kind))
 
@@ -87,7 +91,8 @@ def test_n_images_take_consecutive_seeds(cluster, client):
     assert second == hashlib.sha256(grpc_image(cluster, seed=12)).hexdigest()
 
 
-def test_stream_sends_partial_images_then_the_completed_image(client):
+def test_stream_sends_partial_images_then_the_completed_image(cluster, client):
+    ok = http_requests(cluster, "/v1/images/generations", "OK")
     stream = client.images.generate(prompt=PROMPT, size="512x512", stream=True, partial_images=2,
                                     extra_body={"seed": 3, "num_inference_steps": 4})  # fmt: skip
     events = list(stream)
@@ -95,6 +100,10 @@ def test_stream_sends_partial_images_then_the_completed_image(client):
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     assert all(decoded(e.b64_json).format == "PNG" for e in events)
     assert decoded(events[-1].b64_json).size == (512, 512) and events[-1].size == "512x512"
+    deadline = time.monotonic() + 10  # counted once the stream's last byte is out
+    while http_requests(cluster, "/v1/images/generations", "OK") != ok + 1:
+        assert time.monotonic() < deadline, "the streamed request was not counted OK once"
+        time.sleep(0.1)
 
 
 def test_edit_takes_the_image_as_grpc_takes_a_condition_image(cluster, client):
@@ -152,6 +161,9 @@ def test_sse_framing_over_plain_http(cluster):
 
 
 def test_errors_before_the_stream_are_http_statuses(cluster):
+    counted = [("/v1/images/generations", "INVALID_ARGUMENT"), ("/v1/images/generations", "UNAUTHENTICATED"),
+               ("/v1/images/edits", "RESOURCE_EXHAUSTED")]  # fmt: skip
+    before = [http_requests(cluster, path, code) for path, code in counted]
     reply = post(cluster, "/v1/images/generations", {"prompt": " ", "stream": True, "size": "256x256"})
     error = json.loads(reply.read())["error"]
     assert reply.status == 400 and error["param"] == "prompt" and error["type"] == "invalid_request_error"
@@ -160,11 +172,14 @@ def test_errors_before_the_stream_are_http_statuses(cluster):
     connection.request("POST", "/v1/images/edits", b"", {"Content-Length": str(2**31)})  # refused before the body
     reply = connection.getresponse()
     assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
+    # each refusal counted once, by the status code its error stands for
+    assert [http_requests(cluster, path, code) - b for (path, code), b in zip(counted, before, strict=True)] == [1] * 3
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_disconnects_cancels_both_stages(cluster, stream):
-    cancelled = cluster.gateway.metric("glmimage_gateway_requests_total", outcome="cancelled")
+    counted = {"stage": "gateway", "method": "/v1/images/generations", "code": "CANCELLED"}
+    cancelled = cluster.gateway.metric("glmimage_requests_total", **counted)
     body = json.dumps({"prompt": PROMPT, "size": "1024x1024", "num_inference_steps": 50, "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", cluster.http_port)) as sock:
         sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -178,7 +193,7 @@ def test_a_client_that_disconnects_cancels_both_stages(cluster, stream):
     while in_flight(cluster, "planner") or in_flight(cluster, "decoder"):
         assert time.monotonic() < deadline, "a stage kept working for a client that had gone"
         time.sleep(0.1)
-    assert cluster.gateway.metric("glmimage_gateway_requests_total", outcome="cancelled") == cancelled + 1
+    assert cluster.gateway.metric("glmimage_requests_total", **counted) == cancelled + 1
 
 
 def test_sigterm_lets_an_http_stream_finish(cluster, tmp_path):

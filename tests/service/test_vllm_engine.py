@@ -6,8 +6,10 @@ model exists only because the `vllm.general_plugins` entry point registers it th
 import asyncio
 import io
 import os
+import socket
 import time
 import types
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,16 +19,19 @@ import torch
 from images import png
 from PIL import Image
 from plans import receive_plan
+from prometheus_client.parser import text_string_to_metric_families
 from servers import SERVING, ServerThread, health_status
 
 pytest.importorskip("vllm")
 
 from glmimage.v1 import common_pb2, planner_pb2, planner_pb2_grpc  # noqa: E402
 from planner_service.engine import PlanJob, Sampling  # noqa: E402
+from planner_service.metrics import VLLM_METRICS  # noqa: E402
 from planner_service.service import make_engine, planner_spec  # noqa: E402
 from planner_service.settings import PlannerSettings  # noqa: E402
 from planner_service.vllm_engine import context_length  # noqa: E402
 from servekit.errors import InvalidRequest  # noqa: E402
+from servekit.server import ServerOptions, start_metrics  # noqa: E402
 from servekit.validation import Limits  # noqa: E402
 from testkit import reference  # noqa: E402
 
@@ -245,6 +250,43 @@ def test_server_info_and_health(stub, planner):
     info = stub.GetServerInfo(common_pb2.GetServerInfoRequest())
     assert info.engine == "vllm" and info.codebook_size == 64
     assert health_status(planner.address, "glmimage.v1.PlannerService") == SERVING
+
+
+@pytest.fixture
+def metrics_url(planner):
+    """The planner's /metrics endpoint, as `serve` starts it (the planner runs in this process)."""
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server, thread = start_metrics(ServerOptions("127.0.0.1", 0, metrics_port=port, shutdown_grace_seconds=0))
+    yield f"http://127.0.0.1:{port}/metrics"
+    server.shutdown()
+    thread.join(5)
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """Every sample: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def total(samples: dict[tuple, float], name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_vllm_metrics_share_the_planners_metrics_port(stub, metrics_url):
+    before = scrape(metrics_url)
+    receive_plan(stub.Plan(greedy_request(256, 256)))  # 320 plan tokens
+    tokens = total(before, "vllm:generation_tokens_total") + 320
+    deadline = time.monotonic() + 10  # vLLM records a step's stats just after handing out its tokens
+    while total(after := scrape(metrics_url), "vllm:generation_tokens_total") < tokens:
+        assert time.monotonic() < deadline, "vLLM's token count did not follow the plan"
+        time.sleep(0.1)
+    names = {name for name, _ in after}
+    assert set(VLLM_METRICS) <= names, sorted(set(VLLM_METRICS) - names)
+    ok = {"stage": "planner", "method": "Plan", "code": "OK"}
+    assert total(after, "glmimage_requests_total", **ok) == total(before, "glmimage_requests_total", **ok) + 1
 
 
 def test_engine_flags_are_vllms_own(model_dir):
