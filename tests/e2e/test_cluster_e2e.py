@@ -54,7 +54,7 @@ def wait_for_health(service, status: int, timeout: float = 15.0) -> None:
 
 
 def served_by(pod, request_id: str) -> bool:
-    return f"decoded {request_id}:" in pod.log_path.read_text()
+    return f"decode {request_id}: completed" in pod.log_path.read_text()  # its RequestLog summary
 
 
 def test_server_info_lists_every_pod_behind_the_names(client):
@@ -127,7 +127,10 @@ def test_a_draining_pod_gets_no_new_requests(client, cluster):
     thread.join(120)
     assert long_result["r"].completed.decoder_attempts == 1  # the draining pod finished it
     assert draining.process.wait(60) == 0
-    assert not any(served_by(draining, f"during-drain-{i}") for i in range(3))
+    others = [pod for pod in cluster.pods("decoder") if pod is not draining]
+    for i in range(3):
+        request_id = f"during-drain-{i}"
+        assert not served_by(draining, request_id) and any(served_by(pod, request_id) for pod in others)
     restart(draining)
 
 

@@ -104,7 +104,8 @@ def test_json_lines_carry_the_request_and_trace_ids_and_the_summary_its_fields()
     fields = {"outcome": "failed", "status_code": "RESOURCE_EXHAUSTED", "size": "512x512"}
     assert summary.items() >= {**ids, **fields}.items()
     assert summary["seconds"]["queue"] == 0.25 and summary["seconds"]["total"] >= 0
-    assert after.keys() == {"time", "level", "logger", "message", "trace_id", "span_id"}  # no request any more
+    # no request any more (other keys may be there: vLLM, once imported, stamps every record with its process name)
+    assert "request_id" not in after and after.keys() >= {"time", "level", "logger", "message", "trace_id", "span_id"}
 
 
 def test_text_lines_append_the_ids():
