@@ -19,7 +19,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies first; resolved together with the stub generator, as scripts/setup.sh does.
-COPY requirements/gpu.txt requirements/build.txt requirements/
+COPY requirements/gpu.txt requirements/gateway.txt requirements/build.txt requirements/
 RUN pip install -r requirements/gpu.txt -r requirements/build.txt
 COPY protos/ protos/
 RUN python protos/generate.py /src

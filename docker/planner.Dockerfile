@@ -22,7 +22,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies first (the slow, rarely changing layer): the GPU stack and the stub generator are
 # resolved together, exactly as scripts/setup.sh does, so the protobuf runtime matches the stubs.
-COPY requirements/gpu.txt requirements/build.txt requirements/
+COPY requirements/gpu.txt requirements/gateway.txt requirements/build.txt requirements/
 RUN pip install -r requirements/gpu.txt -r requirements/build.txt
 # Then the source. Stubs are generated from protos/ (never copied from a checkout).
 COPY protos/ protos/

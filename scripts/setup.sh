@@ -14,7 +14,7 @@ else
 fi
 
 stamp=$VENV/.setup-stamp
-want=$(cat "$REQ" requirements/build.txt requirements/dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements/*.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
