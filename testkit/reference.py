@@ -66,10 +66,10 @@ def upsample(ids: list[int], rows: int, cols: int) -> torch.Tensor:
 
 def render(
     pipe: GlmImagePipeline, prompt: str, width: int, height: int, seed: int, steps: int, guidance_scale: float = 1.5,
-    target_ids: list[int] | None = None, images=None, condition_ids: list[list[int]] | None = None,
+    target_ids: list[int] | None = None, images=None, condition_ids: list[list[int]] | None = None, **kwargs,
 ) -> Image.Image:  # fmt: skip
-    """The whole pipeline call. With `target_ids` the AR stage is skipped (decoder-only use)."""
-    kwargs = {}
+    """The whole pipeline call. With `target_ids` the AR stage is skipped (decoder-only use); `kwargs`
+    go to the pipeline as they are (callback_on_step_end, say)."""
     if target_ids is not None:
         kwargs["prior_token_ids"] = upsample(target_ids, height // 32, width // 32)
         if images:
