@@ -16,9 +16,10 @@ stubs: setup
 tiny-model: setup
 	@$(PY) -m testkit.tiny_model $(MODEL_DIR)
 
-lint: setup
+lint: stubs
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
+	@.venv/bin/mypy
 
 # Dockerfiles (hadolint) and the Helm chart (helm lint, schema, render, PromQL); installs its own tools.
 # The stubs: the chart's queries are checked against the metrics the services' modules register.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import GlmImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_latents, retrieve_timesteps
 from PIL import Image
@@ -74,7 +74,7 @@ class _Request:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
     latents: torch.Tensor
-    scheduler: object
+    scheduler: FlowMatchEulerDiscreteScheduler  # GlmImagePipeline's scheduler type
     timesteps: torch.Tensor
     conditions: list[_Condition] = field(default_factory=list)
     kv_caches: GlmImageKVCache | None = None
@@ -97,6 +97,13 @@ class DiffusersEngine(DecoderEngine):
         if self._info is None:
             raise RuntimeError("the engine is not loaded")
         return self._info
+
+    @property
+    def _pipeline(self) -> GlmImagePipeline:
+        """The loaded pipeline (`pipe`, which is None before `load` and after `close`)."""
+        if self.pipe is None:
+            raise RuntimeError("the engine is not loaded")
+        return self.pipe
 
     def _plan_format(self) -> str:
         if self._plan_format_override:
@@ -141,11 +148,13 @@ class DiffusersEngine(DecoderEngine):
     # -- prepare: everything the plan is not needed for ---------------------------------------
 
     def read_conditions(self, job: DecodeJob) -> list[Image.Image]:
+        if self.resize_rule is None:
+            raise RuntimeError("the engine is not loaded")
         return read_condition_images(job.condition_images, self.resize_rule)
 
     @torch.no_grad()
     def prepare(self, job: DecodeJob, images: Sequence[Image.Image]) -> _Request:
-        pipe, device = self.pipe, self.device
+        pipe, device = self._pipeline, self.device
 
         # __call__ step 4: condition images floored to a whole number of DiT patches
         multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
@@ -197,7 +206,7 @@ class DiffusersEngine(DecoderEngine):
         )  # fmt: skip
 
     def _latents_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.pipe.vae.config
+        config = self._pipeline.vae.config
         shape = (1, config.latent_channels, 1, 1)
         mean = torch.tensor(config.latents_mean).view(shape).to(device=self.device, dtype=dtype)
         std = torch.tensor(config.latents_std).view(shape).to(device=self.device, dtype=dtype)
@@ -207,7 +216,7 @@ class DiffusersEngine(DecoderEngine):
 
     @torch.no_grad()
     def add_conditions(self, request: _Request, plans: Sequence[ConditionPlan]) -> None:
-        pipe, device = self.pipe, self.device
+        pipe, device = self._pipeline, self.device
         if len(plans) != len(request.conditions):
             raise InvalidRequest(f"the plan has {len(plans)} condition grids for {len(request.conditions)} images")
         for index, (condition, plan) in enumerate(zip(request.conditions, plans, strict=True)):
@@ -240,14 +249,14 @@ class DiffusersEngine(DecoderEngine):
 
     def _upsample(self, ids: Sequence[int], rows: int, cols: int) -> torch.Tensor:
         """d32 grid -> the DiT's d16 patch grid (nearest, as the pipeline does), shape (1, 4*rows*cols)."""
-        return self.pipe._upsample_token_ids(torch.tensor(ids, dtype=torch.long), rows, cols).to(self.device)
+        return self._pipeline._upsample_token_ids(torch.tensor(ids, dtype=torch.long), rows, cols).to(self.device)
 
     # -- denoise and VAE-decode, once the plan is complete --------------------------------------
 
     @torch.no_grad()
     def begin(self, request: _Request, target_ids: Sequence[int]) -> int:
         """__call__ steps 7 and 8 up to the loop: the plan upsampled, the step-invariant inputs."""
-        pipe, device, job = self.pipe, self.device, request.job
+        pipe, device, job = self._pipeline, self.device, request.job
         if request.conditions and request.kv_caches is None:
             raise RuntimeError("begin() of an image-to-image request before add_conditions()")
         if request.kv_caches is None:
@@ -266,7 +275,8 @@ class DiffusersEngine(DecoderEngine):
     @torch.no_grad()
     def step(self, request: _Request) -> None:
         """One iteration of __call__'s denoising loop."""
-        pipe, job, state, kv_caches = self.pipe, request.job, request.denoise, request.kv_caches
+        pipe, job, state, kv_caches = self._pipeline, request.job, request.denoise, request.kv_caches
+        assert state is not None and kv_caches is not None, "step() before begin()"
         t = request.timesteps[state.index]
         latents = request.latents
         latent_model_input = latents.to(pipe.transformer.dtype)
@@ -300,30 +310,34 @@ class DiffusersEngine(DecoderEngine):
     @torch.no_grad()
     def finish(self, request: _Request) -> Image.Image:
         """The end of __call__: KV cache cleared, latents de-normalized, VAE decode, postprocess."""
+        assert request.kv_caches is not None, "finish() before begin() or after release()"
         request.kv_caches.clear()
-        vae = self.pipe.vae
+        pipe = self._pipeline
+        vae = pipe.vae
         latents = request.latents.to(vae.dtype)
         mean, std = self._latents_stats(latents.dtype)
         latents = latents * std + mean
         image = vae.decode(latents, return_dict=False, generator=request.generator)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     @torch.no_grad()
     def preview(self, request: _Request, max_side: int) -> Image.Image:
         """The flow-matching estimate of the clean latents after the last step (x0 = x_t - sigma_t * v),
         average-pooled by 2, or by 4 when that brings the longer side to `max_side` or less (latent
         sides are multiples of 4), then VAE-decoded: a quarter or a sixteenth of the final decode."""
+        assert request.last_step is not None, "preview() before a step of a job with previews"
         latents, velocity = request.last_step
         scheduler = request.scheduler
         sigma = float(scheduler.sigmas[scheduler.step_index - 1])
         estimate = latents.float() - sigma * velocity.float()
         factor = 4 if max(request.job.width, request.job.height) // 2 > max_side else 2
         estimate = torch.nn.functional.avg_pool2d(estimate, factor)
-        vae = self.pipe.vae
+        pipe = self._pipeline
+        vae = pipe.vae
         estimate = estimate.to(vae.dtype)
         mean, std = self._latents_stats(estimate.dtype)
         image = vae.decode(estimate * std + mean, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     def release(self, request: _Request) -> None:
         if request is not None and request.kv_caches is not None:

@@ -107,6 +107,7 @@ class PlanAssembler:
             self._target_tokens(tokens)
         elif tokens.grid is Grid.PREVIEW:
             # The preview grid is not decoded; it is still checked to be a well-formed stream.
+            assert self.header is not None, "add() takes tokens only after the header"
             size = self.header.preview_rows * self.header.preview_cols
             self._check_run("preview", tokens, self._preview_received, size)
             self._preview_received += len(tokens.ids)
@@ -137,7 +138,7 @@ class PlanAssembler:
 
     def plan(self) -> Plan:
         """The plan, once `complete`."""
-        if not self.complete:
+        if not self.complete or self.header is None:  # complete implies a header
             raise RuntimeError("plan() before the plan is complete")
         return Plan(header=self.header, target_ids=tuple(self._target))
 

@@ -253,8 +253,10 @@ class _Call:
             done, _ = await asyncio.wait({future, *self.watch}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             for finished in done:
                 self.watch.discard(finished)
-                if finished is not future and not finished.cancelled() and finished.exception() is not None:
-                    raise finished.exception()
+                if finished is not future and not finished.cancelled():
+                    error = finished.exception()
+                    if error is not None:
+                        raise error
         self.watch.discard(future)
         return True
 
@@ -409,8 +411,11 @@ class _Call:
         self._check_time_left()
 
     def _raise_if_failed(self) -> None:
-        if self.reader.done() and not self.reader.cancelled() and self.reader.exception() is not None:
-            raise self.reader.exception()
+        assert self.reader is not None, "run() starts the reader first"
+        if self.reader.done() and not self.reader.cancelled():
+            error = self.reader.exception()
+            if error is not None:
+                raise error
 
     async def close(self) -> None:
         """Stops the call; returns once the worker has left the engine, so the slot can be freed."""

@@ -156,7 +156,7 @@ def plan_item_from_proto(chunk: planner_pb2.PlanChunk) -> PlanItem:
     raise InvalidRequest("a plan_chunk must hold a header, tokens or a summary; got an empty one")
 
 
-def preview_to_proto(preview: Preview, stage: int) -> common_pb2.PreviewImage:
+def preview_to_proto(preview: Preview, stage: common_pb2.Stage) -> common_pb2.PreviewImage:
     return common_pb2.PreviewImage(
         index=preview.index, stage=stage, width=preview.width, height=preview.height,
         format=_FORMATS_OUT[preview.format], data=preview.data,

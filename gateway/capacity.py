@@ -151,7 +151,8 @@ def predict(stages: list[Stage], pods: dict[str, int], rate: float, mix: dict[st
     occupancies = [s.occupancy(pods[s.name], rate, mix) for s in stages]
     if not all(occupancies):
         return Prediction(math.inf, math.inf, math.inf, math.inf)
-    tables = {}  # class -> one (sorted times, cumulative probabilities) per stage
+    # class -> one (sorted times, cumulative probabilities) per stage
+    tables: dict[str, list[tuple[list[float], list[float]]]] = {}
     mean = 0.0
     for cls, share in mix.items():
         tables[cls] = []
@@ -194,7 +195,7 @@ def size(stages: list[Stage], rate: float, mix: dict[str, float], p95_s: float) 
     pods = {s.name: math.floor(rate * s.mean_work(mix) / s.curve.max_rate) + 1 for s in stages}
     while (p95 := predict(stages, pods, rate, mix).p95_s) > p95_s:
         candidates = {s.name: predict(stages, {**pods, s.name: pods[s.name] + 1}, rate, mix).p95_s for s in stages}
-        best = min(candidates, key=candidates.get)
+        best = min(candidates, key=candidates.__getitem__)
         if candidates[best] >= p95:  # a planner curve that gains more than linearly with batch
             raise ValueError(f"a p95 of {p95_s:g} s cannot be met: it stops improving at {p95:.1f} s")
         pods[best] += 1

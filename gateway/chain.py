@@ -65,7 +65,7 @@ class ResolvedRequest:
     guidance_scale: float | None
     sampling: common_pb2.PlanSampling
     condition_images: list[common_pb2.InputImage]
-    output_format: int
+    output_format: common_pb2.ImageFormat
     output_quality: int | None = None  # JPEG/WebP; None: the decoder's default
     previews: int = 0  # preview images wanted
 
@@ -107,7 +107,7 @@ class _Done:
     completed: common_pb2.Completed
 
 
-def _progress(stage: int, done: int, total: int) -> image_service_pb2.GenerateEvent:
+def _progress(stage: common_pb2.Stage, done: int, total: int) -> image_service_pb2.GenerateEvent:
     return image_service_pb2.GenerateEvent(progress=common_pb2.Progress(stage=stage, done=done, total=total))
 
 
@@ -218,10 +218,14 @@ class Chain:
         chunks = aiter(call)
         stall_s = self.options.stall_s
         last = time.monotonic()
+
+        def quiet_until() -> float:
+            return last + stall_s
+
         try:
             while True:
                 try:
-                    chunk = await _next(chunks, lambda until=last + stall_s: until, stall_s)
+                    chunk = await _next(chunks, quiet_until, stall_s)
                 except StopAsyncIteration:
                     break
                 last = time.monotonic()
@@ -333,11 +337,13 @@ class Chain:
         spec.previews = self._previews_left()
         await call.write(decoder_pb2.DecodeRequest(spec=spec))
         sent = 0
+
+        def more() -> bool:
+            return self.epoch != epoch or len(self.plan) > sent or self.plan_complete
+
         while True:
             async with self.plan_changed:
-                await self.plan_changed.wait_for(
-                    lambda sent=sent: self.epoch != epoch or len(self.plan) > sent or self.plan_complete
-                )
+                await self.plan_changed.wait_for(more)
                 if self.epoch != epoch:
                     return
                 pending, complete = self.plan[sent:], self.plan_complete
@@ -392,7 +398,9 @@ class Chain:
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
             # A plan restart cancels this call; reading it then raises CancelledError (or CANCELLED)
             # although this task itself is not being cancelled.
-            own_cancel = isinstance(error, asyncio.CancelledError) and asyncio.current_task().cancelling()
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine of the chain's tasks
+            own_cancel = isinstance(error, asyncio.CancelledError) and task.cancelling()
             cancelled = isinstance(error, asyncio.CancelledError) or error.code() == grpc.StatusCode.CANCELLED
             if cancelled and not own_cancel and self.epoch != epoch:
                 raise _PlanRestarted() from None

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 from tqdm import tqdm
@@ -24,12 +25,12 @@ class ProgressBars:
     """One bar per stage on stderr (planning tokens, then denoising steps), drawn by tqdm: live on a
     terminal, nothing in a log file or pipe (no carriage-return spam)."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
-        self.stage = None
+        self.stage: common_pb2.Stage | None = None
         self.bar: tqdm | None = None
 
-    def __call__(self, stage: int, done: int, total: int) -> None:
+    def __call__(self, stage: common_pb2.Stage, done: int, total: int) -> None:
         if stage != self.stage or self.bar is None:
             self.finish()
             self.stage = stage

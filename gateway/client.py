@@ -71,10 +71,10 @@ def read_details(details: Sequence[any_pb2.Any]) -> ErrorDetails:
 @dataclass(frozen=True)
 class Preview:
     index: int
-    stage: int  # common_pb2.STAGE_PLANNING (the plan's preview grid) or STAGE_DECODING (a denoising estimate)
+    stage: common_pb2.Stage  # STAGE_PLANNING (the plan's preview grid) or STAGE_DECODING (a denoising estimate)
     width: int
     height: int
-    format: int  # common_pb2.ImageFormat
+    format: common_pb2.ImageFormat
     data: bytes  # the encoded image
     seconds: float  # when it arrived, from the start of the call
 
@@ -112,7 +112,7 @@ class ImageClient:
         previews: int = 0,
         request_id: str = "",
         timeout: float | None = None,
-        on_progress: Callable[[int, int, int], None] | None = None,
+        on_progress: Callable[[common_pb2.Stage, int, int], None] | None = None,
         on_preview: Callable[[Preview], None] | None = None,
     ) -> GeneratedImage:
         """Blocks until the image is complete; `on_progress(stage, done, total)` is called for each
@@ -153,6 +153,8 @@ class ImageClient:
                 completed = event.completed
         if completed is None:
             raise RuntimeError("the stream ended without a completed event")
+        if accepted is None:
+            raise RuntimeError("the stream had no accepted event")
         image = b"".join(chunks)
         if hashlib.sha256(image).hexdigest() != completed.sha256:
             raise RuntimeError("the image's sha256 does not match the server's")

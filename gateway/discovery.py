@@ -48,8 +48,11 @@ class Target:
         infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         addresses = set()
         for family, _, _, _, sockaddr in infos:
+            host, port = sockaddr[0], sockaddr[1]
+            if not (isinstance(host, str) and isinstance(port, int)):
+                continue  # (family, raw bytes): an IPv6 address to a Python built with --disable-ipv6
             if family == socket.AF_INET:
-                addresses.add(f"ipv4:{sockaddr[0]}:{sockaddr[1]}")
+                addresses.add(f"ipv4:{host}:{port}")
             elif family == socket.AF_INET6:
-                addresses.add(f"ipv6:[{sockaddr[0]}]:{sockaddr[1]}")
+                addresses.add(f"ipv6:[{host}]:{port}")
         return sorted(addresses)

@@ -191,8 +191,9 @@ class HttpFront:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, lifespan="off", http="h11", ws="none", log_config=None, access_log=False,
-            timeout_graceful_shutdown=self.options.grace_seconds, ssl_certfile=self.options.tls_cert_file or None,
-            ssl_keyfile=self.options.tls_key_file or None,
+            # uvicorn types it int; it is asyncio.timeout()'s delay, any float
+            timeout_graceful_shutdown=self.options.grace_seconds,  # type: ignore[arg-type]
+            ssl_certfile=self.options.tls_cert_file or None, ssl_keyfile=self.options.tls_key_file or None,
         )  # fmt: skip
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
@@ -207,8 +208,9 @@ class HttpFront:
         self.draining = True
         if self._server is None:
             return
-        self._server.config.timeout_graceful_shutdown = grace
+        self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # float: see start()
         self._server.should_exit = True
+        assert self._task is not None  # started with the server
         await asyncio.gather(self._task, return_exceptions=True)
 
     # ---------------------------------------------------------------- the app
@@ -219,9 +221,10 @@ class HttpFront:
         app.add_middleware(_Counted)  # outside _BodyLimit: its refusals count too
         if tracing.enabled():
             app.add_middleware(_Traced)  # added last: outermost, it sees every answer
-        app.add_exception_handler(ServiceError, _service_error)
-        app.add_exception_handler(RequestValidationError, _validation_error)
-        app.add_exception_handler(HTTPException, _http_exception)
+        # Starlette types a handler as taking any Exception; it calls each only with the class it is added for
+        app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
+        app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+        app.add_exception_handler(HTTPException, _http_exception)  # type: ignore[arg-type]
         app.add_exception_handler(Exception, _internal_error)
         authorized = [Depends(self._authorize)]
 
@@ -348,6 +351,7 @@ class HttpFront:
                     chunks.append(item.image_chunk.data)
                 elif kind == "completed":
                     completed = item.completed
+            assert completed is not None  # a chain's events end with `completed`
             return Image(b"".join(chunks), completed)
         finally:
             producer.cancel()

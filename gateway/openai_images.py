@@ -8,8 +8,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,7 +64,7 @@ class ModelNotFound(ServiceError):
     reason = "MODEL_NOT_FOUND"
 
 
-def validation_error(errors: list[dict]) -> InvalidRequest:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
     """The first of pydantic's `errors()` as an InvalidRequest naming the field in OpenAI's terms."""
     error = errors[0]
     location = [str(part) for part in error["loc"] if part != "body"]

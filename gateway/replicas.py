@@ -56,8 +56,10 @@ class Replica:
         self.target = target
         self.lookahead = lookahead
         # condition images travel inside requests: as large as the request limits allow
-        options = [*CHANNEL_OPTIONS, ("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]  # fmt: skip
+        options: list[tuple[str, str | int]] = [
+            *CHANNEL_OPTIONS, ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]  # fmt: skip
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
@@ -101,6 +103,14 @@ class Replica:
     def mark_failed(self) -> None:
         """Out of rotation until its next health check passes."""
         self.serving = False
+
+
+def _busyness(replica: Replica) -> tuple[float, int, float]:
+    """The dispatch order of replicas with room (so with a ServerInfo): requests of this gateway's per unit
+    of capacity, then the replica's own load, then the least recently used."""
+    info = replica.info
+    assert info is not None  # room() > 0
+    return (replica.outstanding / max(info.load.capacity, 1), info.load.active + info.load.waiting, replica.leased_at)
 
 
 @dataclass(order=True)
@@ -167,6 +177,7 @@ class ReplicaPool:
         """A channel keeps the certificates it was made with: after the TLS files change, each replica
         is replaced by one on a new channel (new connections, new certificates), polled before it gets
         requests, and the old one is retired so that its requests finish on the old connection."""
+        assert self._tls is not None  # called only with TLS
         self._tls.refresh()
         if self._tls.generation == self._tls_generation:
             return
@@ -236,8 +247,7 @@ class ReplicaPool:
                 break
             fresh = [r for r in candidates if r.address not in waiter.avoid]
             # the fewest requests per unit of capacity: the one that will be free soonest
-            best = min(fresh or candidates, key=lambda r: (r.outstanding / max(r.info.load.capacity, 1),
-                                                           r.info.load.active + r.info.load.waiting, r.leased_at))  # fmt: skip
+            best = min(fresh or candidates, key=_busyness)
             self._waiters.pop(0)
             best.outstanding += 1
             best.leased_at = time.monotonic()

@@ -1,6 +1,7 @@
 """Groups streamed plan tokens into PlanTokens messages: small and frequent, never across grids."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from glmimage.v1 import planner_pb2
@@ -14,14 +15,14 @@ class TokenChunker:
     preview_tokens: int
     chunk_tokens: int
     interval_s: float
-    clock: callable = time.monotonic
+    clock: Callable[[], float] = time.monotonic
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._produced = 0  # ids emitted so far, over both grids
         self._pending: list[int] = []
         self._pending_since = 0.0
 
-    def _grid_of(self, index: int) -> tuple[int, int]:
+    def _grid_of(self, index: int) -> tuple[planner_pb2.Grid, int]:
         if index < self.preview_tokens:
             return planner_pb2.GRID_PREVIEW, index
         return planner_pb2.GRID_TARGET, index - self.preview_tokens

@@ -3,6 +3,7 @@
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -35,7 +36,7 @@ class PlanJob:
     sampling: Sampling
     condition_images: list[bytes] = field(default_factory=list)  # as received (PNG, JPEG or WebP)
     images: list[Image.Image] = field(default_factory=list)  # the same, read for the model (imagekit)
-    engine_inputs: object = None  # engine-private: set by prepare(), dropped when generation ends
+    engine_inputs: Any = None  # engine-private: set by prepare(), dropped when generation ends
 
 
 @dataclass(frozen=True)

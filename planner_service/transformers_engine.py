@@ -69,16 +69,17 @@ class TransformersEngine(PlanEngine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # One worker thread: the model is not shared between concurrent generate() calls.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-transformers")
-        self.model = None
-        self.processor = None
+        self.model: GlmImageForConditionalGeneration | None = None  # set by start()
+        self.processor: GlmImageProcessor | None = None
 
     def _load(self) -> None:
         self.processor = GlmImageProcessor.from_pretrained(f"{self.model_dir}/processor")
-        self.model = GlmImageForConditionalGeneration.from_pretrained(
+        model = GlmImageForConditionalGeneration.from_pretrained(
             f"{self.model_dir}/vision_language_encoder", dtype="auto"
         ).to(self.device)
-        self.model.eval()
-        self.codebook_size = self.model.config.vq_config.num_embeddings
+        model.eval()
+        self.model = model
+        self.codebook_size = model.config.vq_config.num_embeddings
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._worker, self._load)
@@ -112,6 +113,7 @@ class TransformersEngine(PlanEngine):
         torch.manual_seed(job.seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(job.seed)
+        assert self.model is not None, "generate() before start()"
         with torch.inference_mode():
             self.model.generate(
                 **job.engine_inputs,

@@ -30,6 +30,7 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -41,6 +42,9 @@ from planner_service.engine import PlanEngine, PlanJob, PlanLayout
 from planner_service.inputs import build_inputs, tokenize_conditions
 from servekit.errors import InvalidRequest
 from servekit.validation import Limits
+
+if TYPE_CHECKING:  # imported when the engine starts: vLLM's import is slow
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -144,15 +148,15 @@ class VllmEngine(PlanEngine):
         # Prompt rendering and the ViT + VQ run off the event loop, one job at a time.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-vllm-inputs")
         self._request_ids = itertools.count()
-        self.engine = None
-        self.processor = None
-        self.conditions = None
+        self.engine: AsyncLLM | None = None  # set by start()
+        self.processor: GlmImageProcessor | None = None
+        self.conditions: GlmImageForConditionalGeneration | None = None
 
     def _load_inputs(self) -> None:
         model_path = self.engine_args.model
         self.processor = GlmImageProcessor.from_pretrained(f"{self.model_dir}/processor")
-        self.conditions = load_condition_tokenizer(model_path, self.device)
-        self.codebook_size = self.conditions.config.vq_config.num_embeddings
+        self.conditions = conditions = load_condition_tokenizer(model_path, self.device)
+        self.codebook_size = conditions.config.vq_config.num_embeddings
         self.codebook_ids = list(range(self.codebook_size))
         self.generation = GenerationConfig.from_pretrained(model_path)
 
@@ -228,7 +232,9 @@ class VllmEngine(PlanEngine):
 
     async def generate(self, job: PlanJob, layout: PlanLayout) -> AsyncIterator[list[int]]:
         request_id = f"{job.request_id}-{next(self._request_ids)}"
-        stream = self.engine.generate(job.engine_inputs, self.sampling_params(job, layout), request_id)
+        engine = self.engine
+        assert engine is not None, "generate() before start()"
+        stream = engine.generate(job.engine_inputs, self.sampling_params(job, layout), request_id)
         finished = False
         try:
             async for output in stream:
@@ -239,7 +245,7 @@ class VllmEngine(PlanEngine):
             # Closed early (cancelled, deadline, client gone): free the request in vLLM now.
             if not finished:
                 with contextlib.suppress(Exception):
-                    await self.engine.abort(request_id)
+                    await engine.abort(request_id)
             await stream.aclose()
             job.engine_inputs = None
 

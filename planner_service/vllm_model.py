@@ -19,6 +19,7 @@ through the `vllm.general_plugins` entry point `planner_service.vllm_model:regis
   patched.
 """
 
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -266,10 +267,11 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
             revision=model_config.tokenizer_revision,
             trust_remote_code=model_config.trust_remote_code,
         )
-        self.grid_tokens = tuple(
+        bos, eos = (
             self.tokenizer.convert_tokens_to_ids(getattr(self.tokenizer, name, None) or default)
             for name, default in (("grid_bos_token", "<sop>"), ("grid_eos_token", "<eop>"))
         )
+        self.grid_tokens: tuple[int, int] = (bos, eos)
         logger.info("GLM-Image AR: position stride %d, %d decode layouts", self.stride, self.layouts.capacity)
 
     # ------------------------------------------------------------------ positions (worker side)
@@ -311,7 +313,7 @@ class GlmImageForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         if isinstance(token_ids, torch.Tensor):
             grids = token_ids.reshape(-1).split(sizes)
         else:
-            grids = [ids.reshape(-1) for ids in token_ids]
+            grids = [ids.reshape(-1) for ids in typing.cast(list[torch.Tensor], token_ids)]
         embed = self.language_model.embed_input_ids
         return tuple(embed(ids.to(self.layout_rows.device)) for ids in grids)
 

@@ -98,15 +98,15 @@ class RunningServer:
         self.ready.set()
         logger.info("ready: %s on port %d", ", ".join(self.spec.names), self.port)
         if self.spec.check is not None:
-            self._monitor = asyncio.create_task(self._watch_engine())
+            self._monitor = asyncio.create_task(self._watch_engine(self.spec.check))
 
-    async def _watch_engine(self) -> None:
+    async def _watch_engine(self, check: Callable[[], Awaitable[None]]) -> None:
         """Out of rotation while the engine's own check fails; back when it passes again."""
         healthy = True
         while True:
             await asyncio.sleep(self._check_seconds)
             try:
-                await self.spec.check()
+                await check()
                 ok = True
             except Exception as error:  # noqa: BLE001 - any failure means: do not route here
                 ok = False
@@ -184,9 +184,9 @@ async def serve(spec: ServiceSpec, options: ServerOptions) -> None:
     load = asyncio.create_task(running.load())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if load.done() and load.exception() is not None:
+    if load.done() and (error := load.exception()) is not None:
         await running.server.stop(0)
-        raise load.exception()
+        raise error
     await stopped
     load.cancel()
     await running.stop(options.shutdown_grace_seconds)

@@ -19,7 +19,7 @@ from servekit.validation import Limits, max_message_bytes
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
+T = TypeVar("T", bound="ServerSettings")
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
