@@ -4,7 +4,7 @@ import asyncio
 import sys
 
 from decoder_service.service import make_service
-from decoder_service.settings import ENV_PREFIX, DecoderSettings
+from decoder_service.settings import DecoderSettings
 from servekit import tracing
 from servekit.logs import configure_logging
 from servekit.server import serve
@@ -12,7 +12,7 @@ from servekit.settings import log_settings, parse_settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings, rest = parse_settings(DecoderSettings, ENV_PREFIX, argv, description="GLM-Image decoder (DiT) service")
+    settings, rest = parse_settings(DecoderSettings, argv, description="GLM-Image decoder (DiT) service")
     if rest:
         sys.exit(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(settings.log_level, settings.log_format)

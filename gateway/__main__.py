@@ -11,9 +11,7 @@ from servekit.settings import log_settings, parse_settings
 
 
 def main() -> None:
-    settings, rest = parse_settings(
-        GatewaySettings, "GATEWAY", description="GLM-Image gateway: the public ImageService"
-    )
+    settings, rest = parse_settings(GatewaySettings, description="GLM-Image gateway: the public ImageService")
     if rest:
         raise SystemExit(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(settings.log_level, settings.log_format)

@@ -16,7 +16,6 @@ logger = logging.getLogger("planner_service")
 def main() -> None:
     settings, engine_args = parse_settings(
         PlannerSettings,
-        "PLANNER",
         description="GLM-Image planner: the AR stage over gRPC. Flags not listed here are vLLM engine flags "
         "under vLLM's own names (--tensor-parallel-size, --gpu-memory-utilization, --max-num-seqs, --dtype, ...).",
     )

@@ -1,17 +1,18 @@
-"""Typed settings from flags and environment: one dataclass per service.
+"""Typed settings from flags and environment, on pydantic-settings: one class per service.
 
-Each dataclass field becomes `--field-name` and `PREFIX_FIELD_NAME`; a flag beats the environment,
-the environment beats the default. `help` goes in the field's metadata. Values are validated by the
-dataclass's own `validate()` at start-up, so a bad setting stops the service before it loads a model.
+Each field is `--field-name` and `PREFIX_FIELD_NAME` (the class's `env_prefix`); a flag beats the
+environment, the environment beats the default. A field's type, choices (`Literal`) and range
+(`ge`, `gt`, `le`) are declared with it; what spans several fields is checked in `check()`. Values
+are validated when the settings are made, so a bad setting stops the service before it loads a model.
 """
 
 import argparse
-import dataclasses
 import logging
-import os
-import typing
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, Self, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 from servekit.server import ServerOptions
 from servekit.tls import read_pem
@@ -22,32 +23,32 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T", bound="ServerSettings")
 
 
-def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A settings field: its default and help text (and argparse extras such as choices)."""
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+def option(default: Any, help: str, **constraints: Any) -> Any:  # noqa: A002 - the flag's help
+    """A settings field: its default, help text and range (pydantic's ge, gt, le, ...)."""
+    return Field(default, description=help, **constraints)
 
 
-@dataclasses.dataclass
-class ServerSettings:
+class ServerSettings(BaseSettings):
     """What every service shares: its server and the request limits it enforces. Each service
-    subclasses it with its own fields and redeclares `port` and `metrics_port` with its defaults."""
+    subclasses it with its own fields and `env_prefix`, and redeclares `port` and `metrics_port`
+    with its defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVEKIT_", extra="forbid")
 
     host: str = option("0.0.0.0", "address to listen on")
-    port: int = option(0, "gRPC port (0: any free port)")
-    metrics_port: int = option(0, "Prometheus /metrics port (0: none)")
-    shutdown_grace_seconds: float = option(30.0, "seconds in-flight requests may finish after SIGTERM")
+    port: int = option(0, "gRPC port (0: any free port)", ge=0, le=65535)
+    metrics_port: int = option(0, "Prometheus /metrics port (0: none)", ge=0, le=65535)
+    shutdown_grace_seconds: float = option(30.0, "seconds in-flight requests may finish after SIGTERM", ge=0)
     tls_cert_file: str = option("", "PEM certificate chain: serve TLS instead of plaintext")
     tls_key_file: str = option("", "PEM private key for --tls-cert-file")
     tls_client_ca_file: str = option(
         "", "PEM CA bundle: require client certificates it verifies (mutual TLS; needs --tls-cert-file)"
     )
-    log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
-    log_format: str = option(
-        "text",
-        "log lines: text (for terminals) or json (one object a line, for log collectors)",
-        choices=("text", "json"),
+    log_level: Literal["debug", "info", "warning", "error"] = option("info", "logging level")
+    log_format: Literal["text", "json"] = option(
+        "text", "log lines: text (for terminals) or json (one object a line, for log collectors)"
     )
-    health_check_seconds: float = option(5.0, "how often the engine's own health is checked once loaded")
+    health_check_seconds: float = option(5.0, "how often the engine's own health is checked once loaded", gt=0)
     min_side: int = option(Limits.min_side, "smallest width/height in pixels (a multiple of 32)")
     max_side: int = option(Limits.max_side, "largest width/height in pixels (a multiple of 32)")
     max_steps: int = option(Limits.max_steps, "most denoising steps a request may ask for")
@@ -56,17 +57,19 @@ class ServerSettings:
     max_condition_image_bytes: int = option(Limits.max_condition_image_bytes, "largest encoded condition image")
     max_previews: int = option(Limits.max_previews, "most preview images a request may ask for")
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """What no single field's declaration can say; subclasses extend it (raising ValueError)."""
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("--tls-cert-file and --tls-key-file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
         if self.tls_cert_file:
             read_pem(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)  # raises naming the bad file
-        if self.shutdown_grace_seconds < 0:
-            raise ValueError("--shutdown-grace-seconds must be >= 0")
-        if self.health_check_seconds <= 0:
-            raise ValueError("--health-check-seconds must be > 0")
         self.limits()  # raises on an inconsistent range
 
     def limits(self) -> Limits:
@@ -94,61 +97,38 @@ class ServerSettings:
         )
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _flag(loc: tuple) -> str:
+    return "--" + "-".join(str(part) for part in loc).replace("_", "-")
 
 
-def _converter(field_type: Any):
-    origin = typing.get_origin(field_type)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [t for t in typing.get_args(field_type) if t is not type(None)]
-        return _converter(inner[0])
-    return {bool: _parse_bool, int: int, float: float}.get(field_type, str)
-
-
-def add_arguments(parser: argparse.ArgumentParser, settings_type: type, env_prefix: str) -> None:
-    hints = typing.get_type_hints(settings_type)
-    for field in dataclasses.fields(settings_type):
-        flag = "--" + field.name.replace("_", "-")
-        env_name = f"{env_prefix}_{field.name.upper()}"
-        convert = _converter(hints[field.name])
-        default = field.default
-        if env_name in os.environ:
-            try:
-                default = convert(os.environ[env_name])
-            except (ValueError, argparse.ArgumentTypeError) as error:
-                parser.error(f"{env_name}: {error}")
-        extra = {k: v for k, v in field.metadata.items() if k != "help"}
-        parser.add_argument(
-            flag,
-            dest=field.name,
-            type=convert,
-            default=default,
-            help=f"{field.metadata.get('help', '')} (env {env_name}; default: %(default)s)",
-            **extra,
-        )
+def describe(error: ValidationError) -> str:
+    """One line per problem, naming the flag: `--port: Input should be ...`, or check()'s own message."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{_flag(problem['loc'])}: {message}" if problem["loc"] else message)
+    return "; ".join(lines)
 
 
 def parse_settings(
-    settings_type: type[T], env_prefix: str, argv: Sequence[str] | None = None, description: str = ""
+    settings_type: type[T], argv: Sequence[str] | None = None, description: str = ""
 ) -> tuple[T, list[str]]:
-    """Returns the settings and the arguments it did not recognise (for a pass-through parser)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    add_arguments(parser, settings_type, env_prefix)
+    """The settings from `argv` (default: sys.argv) and the environment, and the arguments they did not
+    recognise (for a pass-through parser). A bad value exits with a usage error that names the flag."""
+    prefix = settings_type.model_config.get("env_prefix", "")
+    epilog = f"Every flag is also read from the environment as {prefix}<FLAG> (--max-side: {prefix}MAX_SIDE)."
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False)
+    cli: CliSettingsSource[argparse.ArgumentParser] = CliSettingsSource(
+        settings_type, root_parser=parser, cli_kebab_case=True
+    )
     namespace, rest = parser.parse_known_args(argv)
-    settings = settings_type(**vars(namespace))
     try:
-        settings.validate()
-    except ValueError as error:
-        parser.error(str(error))
+        settings = settings_type(_cli_settings_source=cli(parsed_args=namespace))
+    except ValidationError as error:
+        parser.error(describe(error))
     return settings, rest
 
 
-def log_settings(settings: Any) -> None:
-    for field in dataclasses.fields(settings):
-        logger.info("setting %s = %r", field.name, getattr(settings, field.name))
+def log_settings(settings: BaseSettings) -> None:
+    for name in type(settings).model_fields:
+        logger.info("setting %s = %r", name, getattr(settings, name))

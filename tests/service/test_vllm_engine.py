@@ -357,4 +357,4 @@ def test_position_hook_equals_transformers_also_for_a_resumed_request(model_dir,
 
 
 def test_vllm_is_the_planners_default_engine():
-    assert PlannerSettings().engine == "vllm"
+    assert PlannerSettings.model_fields["engine"].default == "vllm"

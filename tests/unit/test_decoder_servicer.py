@@ -15,7 +15,7 @@ from decoder_service.domain import (
     Timings,
 )
 from decoder_service.servicer import event_to_proto, job_from_proto, plan_item_from_proto
-from decoder_service.settings import ENV_PREFIX, DecoderSettings
+from decoder_service.settings import DecoderSettings
 from glmimage.v1 import common_pb2, decoder_pb2, planner_pb2
 from servekit.errors import InvalidRequest
 from servekit.settings import parse_settings
@@ -129,7 +129,7 @@ def test_events_to_proto():
 def test_settings_from_flags_and_environment(monkeypatch):
     monkeypatch.setenv("DECODER_PORT", "6000")
     monkeypatch.setenv("DECODER_MAX_CONCURRENT_DECODES", "2")
-    settings, rest = parse_settings(DecoderSettings, ENV_PREFIX, ["--model", "/m", "--port", "7000", "--warm-up", "no"])
+    settings, rest = parse_settings(DecoderSettings, ["--model", "/m", "--port", "7000", "--warm-up", "no"])
     assert (settings.model, settings.port, settings.max_concurrent_decodes, settings.warm_up) == ("/m", 7000, 2, False)
     assert (settings.metrics_port, settings.default_steps, settings.chunk_bytes) == (9092, 50, 1024 * 1024)
     assert settings.limits() == Limits()
@@ -149,7 +149,7 @@ def test_settings_from_flags_and_environment(monkeypatch):
 )
 def test_bad_settings_stop_at_start_up(argv):
     with pytest.raises(SystemExit):
-        parse_settings(DecoderSettings, ENV_PREFIX, argv)
+        parse_settings(DecoderSettings, argv)
 
 
 def test_only_the_concrete_engine_imports_model_code():

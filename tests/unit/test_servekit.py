@@ -1,10 +1,11 @@
 """servekit: limits, settings, admission and the error interceptor."""
 
 import asyncio
-import dataclasses
+from typing import Literal
 
 import grpc
 import pytest
+from pydantic_settings import SettingsConfigDict
 
 from glmimage.v1 import common_pb2, image_service_pb2
 from servekit import validation
@@ -99,32 +100,53 @@ def test_inconsistent_limits_are_refused():
         Limits(min_side=1024, max_side=512)
 
 
-@dataclasses.dataclass
-class DemoSettings:
-    port: int = option(50051, "port")
+class DemoSettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="DEMO_")
+
     name: str = option("x", "name")
     enabled: bool = option(False, "switch")
-    ratio: float = option(0.5, "ratio")
+    ratio: float = option(0.5, "ratio", gt=0)
+    mode: Literal["a", "b"] = option("a", "mode")
 
-    def validate(self):
-        if self.port <= 0:
-            raise ValueError("--port must be > 0")
+    def check(self) -> None:
+        super().check()
+        if self.name == "forbidden":
+            raise ValueError("--name must not be 'forbidden'")
 
 
 def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
     monkeypatch.setenv("DEMO_PORT", "6000")
     monkeypatch.setenv("DEMO_ENABLED", "true")
-    settings, rest = parse_settings(DemoSettings, "DEMO", ["--name", "y", "--extra", "1"])
-    assert settings == DemoSettings(port=6000, name="y", enabled=True, ratio=0.5)
+    monkeypatch.setenv("DEMO_RATIO", "0.25")
+    settings, rest = parse_settings(DemoSettings, ["--name", "y", "--ratio", "2", "--extra", "1"])
+    assert (settings.port, settings.name, settings.enabled, settings.ratio, settings.mode) == (6000, "y", True, 2, "a")
     assert rest == ["--extra", "1"]
-    settings, _ = parse_settings(DemoSettings, "DEMO", ["--port", "7000"])
-    assert settings.port == 7000
+    settings, _ = parse_settings(DemoSettings, ["--port", "7000", "--enabled", "no", "--max-side", "1024"])
+    assert (settings.port, settings.enabled, settings.ratio, settings.limits().max_side) == (7000, False, 0.25, 1024)
 
 
-def test_settings_validation_stops_start_up(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "--port: Input should be less than or equal to 65535"),
+        (["--ratio", "0"], "--ratio: Input should be greater than 0"),
+        (["--mode", "c"], "--mode: Input should be 'a' or 'b'"),
+        (["--enabled", "maybe"], "--enabled: Input should be a valid boolean"),
+        (["--name", "forbidden"], "--name must not be 'forbidden'"),
+        (["--min-side", "500"], "min_side"),
+    ],
+)
+def test_bad_settings_stop_start_up_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_settings(DemoSettings, argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_environment_stops_start_up_naming_the_flag(monkeypatch, capsys):
+    monkeypatch.setenv("DEMO_PORT", "many")
     with pytest.raises(SystemExit):
-        parse_settings(DemoSettings, "DEMO", ["--port", "0"])
-    assert "--port must be > 0" in capsys.readouterr().err
+        parse_settings(DemoSettings, [])
+    assert "--port: Input should be a valid integer" in capsys.readouterr().err
 
 
 def test_admission_bounds_in_flight_and_queue():

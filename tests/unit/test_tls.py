@@ -68,18 +68,18 @@ def test_changed_files_are_reloaded_and_a_half_written_rotation_is_skipped_with_
 def test_tls_settings_are_checked_at_start_up(secret, tmp_path):
     folder, ca, _ = secret
     cert, key, ca_file = paths(folder)
-    ServerSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=ca_file).validate()
+    ServerSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=ca_file)
     with pytest.raises(ValueError, match="--tls-client-ca-file needs --tls-cert-file"):
-        ServerSettings(tls_client_ca_file=ca_file).validate()
+        ServerSettings(tls_client_ca_file=ca_file)
     with pytest.raises(ValueError, match="not a PEM CA bundle"):
-        ServerSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=key).validate()
-    GatewaySettings(stage_tls_ca_file=ca_file, stage_tls_cert_file=cert, stage_tls_key_file=key).validate()
+        ServerSettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=key)
+    GatewaySettings(stage_tls_ca_file=ca_file, stage_tls_cert_file=cert, stage_tls_key_file=key)
     for wrong in ({"stage_tls_cert_file": cert, "stage_tls_key_file": key}, {"stage_tls_ca_file": ca_file,
                                                                              "stage_tls_cert_file": cert}):  # fmt: skip
         with pytest.raises(ValueError, match="--stage-tls-cert-file and --stage-tls-key-file go together"):
-            GatewaySettings(**wrong).validate()
+            GatewaySettings(**wrong)
     with pytest.raises(ValueError, match="--tls-client-ca-file cannot go with --http-port"):
-        GatewaySettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=ca_file, http_port=8000).validate()
+        GatewaySettings(tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=ca_file, http_port=8000)
 
 
 def test_new_gateway_certificates_move_each_replica_to_a_new_channel(secret):
