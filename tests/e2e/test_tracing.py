@@ -256,7 +256,13 @@ def test_the_phases_are_child_spans_of_each_stage(traced):
 @pytest.fixture(scope="module")
 def http_traced(cluster, receiver, traced):
     """A second request, over HTTP with a `traceparent`, and its trace. It tries the refusing decoder first: after
-    one request that one is the least recently used of two idle replicas, and ties go to it."""
+    one request that one is the least recently used of two idle replicas, and ties go to it, once the gateway's
+    health poll has it SERVING again (a refusal takes a replica out of rotation until then)."""
+    with ImageClient(cluster.gateway.address) as client:
+        deadline = time.monotonic() + 10
+        while not all(stage.serving for stage in client.server_info().stages):
+            assert time.monotonic() < deadline, "a replica stayed out of rotation"
+            time.sleep(0.1)
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
     body = json.dumps({"prompt": PROMPT, "size": "256x256", "num_inference_steps": 2, "seed": 2}).encode()
     headers = {"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{parent_id}-01"}
