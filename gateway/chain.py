@@ -462,6 +462,9 @@ class Chain:
                 if isinstance(item, _Failed):
                     raise item.error
                 if isinstance(item, _Done):
+                    # The image came from a complete plan: the planner's call has only its status left to send
+                    # (a fast decoder can finish first). It ends as a success, counted, rather than cancelled.
+                    await asyncio.wait({planner}, timeout=self._remaining())
                     yield image_service_pb2.GenerateEvent(completed=self._completed(item.completed))
                     return
                 yield item

@@ -25,7 +25,8 @@ STEPS = 3
 class Script:
     """What the next calls do, in order, whichever replica they reach (replicas may share one):
     "ok", "unavailable-before", "unavailable-mid", "stall-mid", "close-mid" (end the stream early,
-    with no status), "invalid", "busy"; the last repeats."""
+    with no status), "slow-end" (a planner: 0.3 s between its summary and its status), "invalid", "busy";
+    the last repeats."""
 
     actions: list[str] = field(default_factory=lambda: ["ok"])
     calls: int = 0
@@ -55,6 +56,7 @@ async def act_mid(action: str, context) -> None:
 class ScriptedPlanner(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, script: Script):
         self.script = script
+        self.ended = 0  # calls that ran to their end (not cancelled)
 
     async def Plan(self, request, context):
         action = self.script.next()
@@ -67,6 +69,9 @@ class ScriptedPlanner(planner_pb2_grpc.PlannerServiceServicer):
             return
         yield planner_pb2.PlanChunk(tokens=planner_pb2.PlanTokens(grid=planner_pb2.GRID_TARGET, offset=2, ids=[3, 4]))
         yield planner_pb2.PlanChunk(summary=planner_pb2.PlanSummary())
+        if action == "slow-end":
+            await asyncio.sleep(0.3)
+        self.ended += 1
 
     async def GetServerInfo(self, request, context):
         return common_pb2.ServerInfo(role=common_pb2.SERVICE_ROLE_PLANNER, plan_format="f",
@@ -84,6 +89,8 @@ class ScriptedDecoder(decoder_pb2_grpc.DecoderServiceServicer):
         async for request in request_iterator:
             if request.HasField("plan_chunk") and request.plan_chunk.HasField("tokens"):
                 ids += request.plan_chunk.tokens.ids
+            if request.HasField("plan_chunk") and request.plan_chunk.HasField("summary"):
+                break  # the plan is complete: a decoder starts now, as the real one does
         self.plans.append(ids)
         await act_before(action, context)
         for done in range(1, STEPS + 1):
@@ -115,7 +122,7 @@ def request() -> ResolvedRequest:
                            sampling=common_pb2.PlanSampling(), condition_images=[], output_format=1)  # fmt: skip
 
 
-async def run_chain(planner_scripts, decoder_scripts, deadline_s=10.0, stall_s=0.5, cancel_after=None):
+async def run_chain(planner_scripts, decoder_scripts, deadline_s=10.0, stall_s=0.5, cancel_after=None, bind_lead_s=0.0):
     """Runs one request; returns (events or the error, planners, decoders)."""
     servers, planners, decoders = [], [], []
     for script in planner_scripts:
@@ -133,7 +140,7 @@ async def run_chain(planner_scripts, decoder_scripts, deadline_s=10.0, stall_s=0
     for pool in pools:
         pool.start()
         await pool.wait_serving()
-    options = ChainOptions(planner_attempts=2, decoder_attempts=2, bind_lead_s=0.0, stall_s=stall_s)
+    options = ChainOptions(planner_attempts=2, decoder_attempts=2, bind_lead_s=bind_lead_s, stall_s=stall_s)
     chain = Chain(request(), *pools, time.monotonic(), time.monotonic() + deadline_s, options)
     events: list = []
 
@@ -225,3 +232,10 @@ def test_client_cancel_cancels_both_stage_calls():
     outcome, _, _, chain = run(run_chain([Script(["stall-mid"])], [Script()], stall_s=30.0, cancel_after=0.3))
     assert isinstance(outcome, asyncio.CancelledError)
     assert chain.decode_call is None and all(r.outstanding == 0 for r in chain.planners.replicas.values())
+
+
+def test_a_planner_call_ends_as_a_success_though_the_image_is_done_before_its_status():
+    # bound to the decoder at once: it has the whole plan, and makes the image, before the planner's status
+    outcome, planners, *_ = run(run_chain([Script(["slow-end"])], [Script()], stall_s=5.0, bind_lead_s=float("inf")))
+    assert completed(outcome).planner_attempts == 1 and completed(outcome).timings.planning_seconds > 0
+    assert planners[0].ended == 1  # not cancelled after the image was made
